@@ -1,0 +1,1 @@
+"""nftables templates the node agent loads (shipped as package data so an installed agent finds them)."""

@@ -1,0 +1,270 @@
+"""The node agent daemon: holds the desired state, ends lanes on time, answers the local CLI.
+
+One thread owns every change to the kernel (the loop in `serve`). The conntrack event thread only
+appends to the flow journal; the control socket only queues requests for the loop. Deadlines are
+monotonic (CLOCK_BOOTTIME) and come from the absolute end time the first time the agent sees it, so a
+stepped wall clock moves nothing. The kernel's own element timeouts stop a lane's traffic even while
+the agent is not running; the agent then finishes the teardown and writes the evidence when it is back.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from pathlib import Path
+
+from . import __version__, prereq
+from .clock import Clock, clock_synchronized
+from .config import AgentConfig
+from .ctnl import Conntrack, DestroyListener
+from .errors import InvalidDesiredState
+from .firewall import Firewall
+from .lanes import LaneManager
+from .naming import Naming
+from .reconcile import Want
+from .state import StateDir
+from .wire import AgentStatus, DesiredNodeState, EndReason, ObservedLane, ReconcileReport, WireGuardStats
+
+log = logging.getLogger("wicket.agent")
+HEARTBEAT_S = 2.0
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig, *, clock: Clock | None = None, backend=None, firewall=None, conntrack=None,
+                 listen_events: bool = True):
+        self.cfg = cfg
+        self.clock = clock or Clock()
+        self.naming = Naming(cfg.tag)
+        self.state = StateDir(cfg.state_dir)
+        self._backend, self._firewall, self._conntrack = backend, firewall, conntrack
+        self.listen_events = listen_events
+        self.desired: DesiredNodeState | None = None
+        self.last_report: ReconcileReport | None = None
+        self.requests: queue.Queue = queue.Queue()
+        self.stopping = threading.Event()
+        self.backend_kind = "userspace"
+        self.backend_reason = ""
+        self.listener: DestroyListener | None = None
+        self.lanes: LaneManager | None = None
+        self._next_resync = self._next_stats = self._next_heartbeat = 0.0
+
+    # ---- start / stop ----
+
+    def start(self) -> list[str]:
+        notes: list[str] = []
+        if self._backend is None:
+            prereq.require_root()
+            notes += prereq.enable_conntrack_accounting()
+            kind, why = prereq.choose_backend(self.cfg.backend, self.cfg.wireguard_go)
+            self.backend_kind, self.backend_reason = kind, why
+            if kind == "userspace":
+                from .wg.userspace import UserspaceBackend
+
+                notes += prereq.ensure_inotify(self.cfg.max_lanes)
+                self._backend = UserspaceBackend(self.naming, self.cfg.wireguard_go, str(Path(self.cfg.state_dir) / "wireguard-go.log"))
+            else:
+                from .wg.kernel import KernelBackend
+
+                self._backend = KernelBackend(self.naming)
+            notes.append(f"WireGuard backend: {kind} ({why})")
+        else:
+            self.backend_kind = self._backend.kind
+        fw = self._firewall or Firewall(self.naming, self.cfg.table, self.cfg.blocked_size)
+        if (did := fw.ensure()):
+            notes.append(did)
+        ct = self._conntrack or Conntrack()
+        self.lanes = LaneManager(self.naming, self._backend, fw, ct, self.state, self.clock, self.cfg.node_id)
+        if self.listen_events:
+            self.listener = DestroyListener(
+                want=lambda mark: self.lanes.lane_of_mark(mark) is not None,
+                on_flow=self.lanes.on_flow_ended,
+                on_overrun=self.lanes.on_events_lost,
+            )
+            self.lanes.listener = self.listener
+            self.listener.start()
+        self.desired = self.state.load_desired()
+        if self.desired:
+            fw.set_tunnel_nets([str(n) for n in self.desired.settings.tunnel_networks])
+        notes += self.lanes.load(agent_gap=self._agent_gap())
+        self.last_report = self.reconcile()
+        notes += self.last_report.changes + [f"error: {e}" for e in self.last_report.errors]
+        self._heartbeat()
+        for line in notes:
+            log.info("%s", line)
+        return notes
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self.listener:
+            self.listener.stop()
+        self._heartbeat()
+
+    # ---- operations (called on the loop thread) ----
+
+    def apply(self, desired: DesiredNodeState) -> ReconcileReport:
+        current = self.desired
+        if current is not None:
+            if desired.node_id != current.node_id:
+                raise InvalidDesiredState(f"desired state is for node {desired.node_id}, this node is {current.node_id}")
+            if desired.generation < current.generation:
+                raise InvalidDesiredState(
+                    f"generation {desired.generation} is older than the applied {current.generation}: refused"
+                )
+            if desired.generation == current.generation and desired != current:
+                raise InvalidDesiredState(f"generation {desired.generation} was already applied with other content: refused")
+        if desired.node_id != self.cfg.node_id:
+            raise InvalidDesiredState(f"desired state is for node {desired.node_id}, this node is {self.cfg.node_id}")
+        if len(desired.lanes) > self.cfg.max_lanes:
+            raise InvalidDesiredState(f"{len(desired.lanes)} lanes exceed this node's max_lanes={self.cfg.max_lanes}")
+        self.state.save_desired(desired)
+        if current is None or desired.settings.tunnel_networks != current.settings.tunnel_networks:
+            self.lanes.fw.set_tunnel_nets([str(n) for n in desired.settings.tunnel_networks])
+        self.desired = desired
+        return self.reconcile()
+
+    def close(self, session_id: str) -> ReconcileReport:
+        lane = next((lane for lane in self.lanes.lanes.values() if lane.rec and lane.rec.session_id == session_id), None)
+        if lane is None:
+            raise InvalidDesiredState(f"no open lane for session {session_id}")
+        self.state.mark_closed(session_id, lane.rec.end_time)
+        return self.reconcile()
+
+    def reset(self) -> ReconcileReport:
+        """Close every lane (with evidence) and remove the agent's table: for uninstalling or a lab's end."""
+        report = self.lanes.close_now(list(self.lanes.lanes), EndReason.removed)
+        self.desired = None
+        (Path(self.cfg.state_dir) / "desired.json").unlink(missing_ok=True)
+        self.lanes.fw.remove()
+        return report
+
+    def reconcile(self) -> ReconcileReport:
+        generation = self.desired.generation if self.desired else 0
+        wants = self._wants()
+        closed = set(self.state.closed())
+        report = self.lanes.reconcile(wants, closed, generation)
+        if report.changes or report.errors:
+            self.last_report = report
+        return report
+
+    def status(self) -> AgentStatus:
+        now = self.clock.mono()
+        observed = []
+        for lane in sorted(self.lanes.lanes.values(), key=lambda lane: lane.name):
+            if lane.rec is None:
+                continue
+            spec = lane.rec.lane
+            st = self.lanes.backend.stats(lane.name)
+            observed.append(
+                ObservedLane(
+                    session_id=spec.session_id,
+                    lane=lane.name,
+                    listen_port=spec.listen_port,
+                    node_public_key=lane.rec.node_public_key,
+                    engineer_address=str(spec.engineer_address),
+                    device_address=str(spec.device_address),
+                    allowed=[f.label() for f in spec.flows],
+                    end_time=spec.end_time,
+                    seconds_left=round(lane.rec.deadline - now, 3),
+                    wireguard=WireGuardStats(
+                        rx_bytes=st.rx_bytes, tx_bytes=st.tx_bytes, endpoint=st.endpoint,
+                        handshakes_observed=lane.rec.handshakes_observed,
+                    ) if st else None,
+                )
+            )
+        synced, _why = clock_synchronized()
+        return AgentStatus(
+            node_id=self.cfg.node_id,
+            agent_version=__version__,
+            backend=self.backend_kind,
+            applied_generation=self.desired.generation if self.desired else None,
+            lanes=observed,
+            pending_evidence=len(list((Path(self.cfg.state_dir) / "evidence").glob("*.json"))),
+            clock_synchronized=synced,
+            last_reconcile=self.last_report,
+        )
+
+    # ---- the loop ----
+
+    def tick(self) -> None:
+        now = self.clock.mono()
+        due = self.lanes.next_deadline()
+        if due is not None and due <= now:
+            self.reconcile()
+        self._expire_tombstones()
+        if now >= self._next_resync:
+            self._next_resync = now + self.cfg.resync_interval
+            notes = self.lanes.load()
+            if notes:
+                log.warning("resync: %s", "; ".join(notes))
+            self.reconcile()
+        if now >= self._next_stats:
+            self._next_stats = now + self.cfg.stats_interval
+            self.lanes.sample_handshakes()
+        if now >= self._next_heartbeat:
+            self._heartbeat()
+        self.lanes.backend.reap()
+
+    def serve(self, handle) -> None:
+        """Run until stopped. `handle(request)` answers one control request (see `control`)."""
+        now = self.clock.mono()
+        self._next_resync = now + self.cfg.resync_interval
+        self._next_stats = now + self.cfg.stats_interval
+        while not self.stopping.is_set():
+            timeout = self._sleep_for()
+            try:
+                request, reply = self.requests.get(timeout=timeout)
+            except queue.Empty:
+                pass
+            else:
+                reply(handle(request))
+            self.tick()
+
+    def _sleep_for(self) -> float:
+        now = self.clock.mono()
+        times = [self._next_resync, self._next_stats, self._next_heartbeat]
+        due = self.lanes.next_deadline()
+        if due is not None:
+            times.append(due)
+        return max(0.0, min(min(times) - now, 1.0))
+
+    # ---- helpers ----
+
+    def _wants(self) -> dict[str, Want]:
+        if self.desired is None:
+            return {}
+        records = {lane.rec.session_id: lane.rec for lane in self.lanes.lanes.values() if lane.rec}
+        boot = self.clock.boot_id()
+        closed = self.state.closed()
+        wants = {}
+        for spec in self.desired.lanes:
+            if spec.session_id in closed:
+                continue
+            rec = records.get(spec.session_id)
+            if rec is not None and rec.end_time == spec.end_time.timestamp() and rec.boot_id == boot:
+                deadline = rec.deadline  # first seen earlier: keep it, whatever the wall clock did since
+            else:
+                deadline = self.clock.deadline_for(spec.end_time)
+            wants[spec.session_id] = Want(spec=spec, deadline=deadline)
+        return wants
+
+    def _expire_tombstones(self) -> None:
+        wall = self.clock.wall()
+        for sid, until in self.state.closed().items():
+            if until < wall - 60:
+                self.state.forget_closed(sid)
+
+    def _agent_gap(self) -> tuple[float, float] | None:
+        p = Path(self.cfg.state_dir) / "heartbeat"
+        try:
+            last = float(p.read_text())
+        except (OSError, ValueError):
+            return None
+        now = self.clock.wall()
+        return (last, now) if now - last > 2 * HEARTBEAT_S else None
+
+    def _heartbeat(self) -> None:
+        self._next_heartbeat = self.clock.mono() + HEARTBEAT_S
+        p = Path(self.cfg.state_dir) / "heartbeat"
+        p.write_text(f"{self.clock.wall():.3f}")
+

@@ -1,0 +1,385 @@
+"""The lane manager: carries out a reconcile plan against the kernel and keeps the model of what exists.
+
+Order within one pass (add before delete, keep going after a failure, report everything):
+  1. lanes being replaced are closed first (their name and port are about to be reused);
+  2. new lanes' boxes are built (no traffic can flow yet: the router refuses an interface without rules);
+  3. ONE nft transaction adds the new lanes' elements, refreshes extended ones and removes closing ones;
+  4. closing lanes are torn down: connections dumped (final counters) and flushed, counters read,
+     the box stopped, evidence written.
+If the transaction fails, it is retried lane by lane so one bad lane does not hold up the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from . import keys
+from . import naming as nm
+from .clock import Clock
+from .errors import AgentError, FirewallError
+from .evidence import Harvest, build_evidence, flow_to_dict
+from .firewall import Firewall, LaneRules
+from .reconcile import Have, Plan, Want, plan
+from .state import LaneRecord, StateDir
+from .wg.base import Backend, Box, BoxRequest
+from .wire import EndReason, LaneEvidence, LaneSpec, ReconcileReport
+
+log = logging.getLogger("wicket.agent.lanes")
+
+
+@dataclass
+class Lane:
+    name: str
+    rec: LaneRecord | None
+    rules: LaneRules | None
+    box: Box | None
+    healthy: bool = True
+
+
+class LaneManager:
+    def __init__(
+        self,
+        naming: nm.Naming,
+        backend: Backend,
+        firewall: Firewall,
+        conntrack,
+        state: StateDir,
+        clock: Clock,
+        node_id: str,
+        on_evidence: Callable[[LaneEvidence], None] | None = None,
+        listener=None,
+    ):
+        self.naming, self.backend, self.fw, self.ct = naming, backend, firewall, conntrack
+        self.state, self.clock, self.node_id = state, clock, node_id
+        self.on_evidence = on_evidence
+        self.listener = listener
+        self.lanes: dict[str, Lane] = {}
+        self._marks: dict[int, str] = {}  # ct mark → lane name, for the conntrack event thread
+        self._lock = threading.Lock()
+
+    # ---- model ----
+
+    def load(self, agent_gap: tuple[float, float] | None = None) -> list[str]:
+        """Rebuild the model from the kernel and the lane records (start-up and resync)."""
+        boxes = self.backend.observe()
+        view = self.fw.view()
+        records = {r.name: r for r in self.state.lane_records().values()}
+        names = set(boxes) | set(view.marks) | set(view.flows) | set(view.accounted) | set(records)
+        notes = []
+        lanes = {}
+        for name in sorted(names):
+            if not self.naming.is_ours(name):
+                continue
+            rec = records.get(name)
+            box = boxes.get(name)
+            if rec is not None and agent_gap is not None:
+                rec.agent_gaps = (rec.agent_gaps or []) + [list(agent_gap)]
+                self.state.save_lane(rec)
+            rules = self._rules_for(rec, box) if rec else None
+            healthy = bool(rec and box and box.device and box.router_link and name in view.marks)
+            if rec and rules and rules.mark != view.marks.get(name, rules.mark):
+                healthy = False
+            lanes[name] = Lane(name, rec, rules, box, healthy)
+            if rec is None:
+                notes.append(f"found orphan lane {name} (session {view.sessions.get(name, 'unknown')})")
+            elif not healthy:
+                notes.append(f"lane {rec.session_id} ({name}) is incomplete in the kernel")
+        with self._lock:
+            self.lanes = lanes
+            self._marks = {}
+            for lane in lanes.values():
+                mark = lane.rules.mark if lane.rules else view.marks.get(lane.name)
+                if mark:
+                    self._marks[mark] = lane.name
+                    self._marks[nm.TRANSPORT_MARK | (mark & nm.MARK_ID)] = lane.name
+        return notes
+
+    def haves(self) -> list[Have]:
+        out = []
+        for lane in self.lanes.values():
+            rec = lane.rec
+            out.append(
+                Have(
+                    name=lane.name,
+                    session_id=rec.session_id if rec else None,
+                    spec=rec.lane if rec else None,
+                    deadline=rec.deadline if rec else None,
+                    healthy=lane.healthy,
+                )
+            )
+        return out
+
+    def next_deadline(self) -> float | None:
+        deadlines = [lane.rec.deadline for lane in self.lanes.values() if lane.rec]
+        return min(deadlines) if deadlines else None
+
+    def lane_of_mark(self, mark: int) -> str | None:
+        return self._marks.get(mark)
+
+    # ---- reconcile ----
+
+    def reconcile(self, wants: dict[str, Want], closed: set[str], generation: int) -> ReconcileReport:
+        now = self.clock.mono()
+        p = plan(wants, self.haves(), closed, now)
+        report = ReconcileReport(generation=generation)
+        if p.empty():
+            return report
+        changes: list[str] = []
+        errors: list[str] = []
+        self._execute(p, changes, errors)
+        for line in changes:
+            log.info("[#] %s", line)
+        for line in errors:
+            log.error("%s", line)
+        return ReconcileReport(generation=generation, changes=changes, errors=errors)
+
+    def _execute(self, p: Plan, changes: list[str], errors: list[str]) -> None:
+        now = self.clock.mono()
+        # 1. replaced lanes go first: the new lane reuses their name
+        for have, want, why in p.replace:
+            self._close([(self.lanes[have.name], EndReason.replaced)], changes, errors, wait=True)
+            p.open.append(want)
+            changes.append(f"replacing lane {want.spec.session_id}: {why}")
+        # 2. build new lanes' boxes
+        prepared: list[tuple[Want, LaneRecord, LaneRules, Box]] = []
+        for want in p.open:
+            try:
+                prepared.append(self._prepare(want))
+            except (AgentError, OSError) as exc:
+                errors.append(f"lane {want.spec.session_id}: could not open: {exc}")
+        # 3. one transaction
+        add, delete = [], []
+        for want, _rec, rules, _box in prepared:
+            add += self.fw.policy_elements(rules, want.deadline - now) + self.fw.accounting_elements(rules.name)
+        for have, want in p.extend:
+            lane = self.lanes[have.name]
+            delete += self.fw.policy_keys(lane.rules)
+            add += self.fw.policy_elements(lane.rules, want.deadline - now)
+        closing = [(self.lanes[h.name], reason) for h, reason in p.close]
+        fresh, stale = [], []
+        for lane, _reason in closing:
+            if lane.rules is None:
+                continue
+            # A lane past its kernel timeout may already have lost its elements: delete those one by one.
+            live = lane.rec is not None and lane.rec.deadline > now - 0.5
+            (fresh if live and lane.healthy else stale).extend(self.fw.policy_keys(lane.rules))
+        delete += fresh
+        try:
+            self.fw.commit(add=add, delete=delete)
+            committed = prepared
+        except FirewallError as exc:
+            log.warning("nft transaction failed (%s); retrying lane by lane", exc)
+            committed = self._commit_one_by_one(prepared, p.extend, fresh, now, errors)
+        if stale:
+            for err in self.fw.delete_tolerant(stale):
+                errors.append(f"removing expired elements: {err}")
+        for want, rec, rules, box in committed:
+            self.state.save_lane(rec)
+            with self._lock:
+                self.lanes[rules.name] = Lane(rules.name, rec, rules, box, True)
+                self._marks[rules.mark] = rules.name
+                self._marks[rules.transport_mark] = rules.name
+            changes.append(_describe_open(want.spec, rules, box))
+        for have, want in p.extend:
+            lane = self.lanes[have.name]
+            lane.rec.spec = want.spec.model_dump(mode="json")
+            lane.rec.deadline, lane.rec.end_time = want.deadline, want.spec.end_time.timestamp()
+            self.state.save_lane(lane.rec)
+            changes.append(f"extended lane {want.spec.session_id} to {want.spec.end_time.isoformat()}")
+        for have, want in p.relabel:
+            lane = self.lanes[have.name]
+            lane.rec.spec = want.spec.model_dump(mode="json")
+            self.state.save_lane(lane.rec)
+        # 4. tear down what closes
+        self._close(closing, changes, errors, wait=False, rules_removed=True)
+
+    def _prepare(self, want: Want) -> tuple[Want, LaneRecord, LaneRules, Box]:
+        spec = want.spec
+        name = self.naming.lane_name(spec.session_id)
+        taken_ids = {lane.rules.mark & nm.MARK_ID for lane in self.lanes.values() if lane.rules}
+        lane_id = nm.mark_id(spec.session_id, taken_ids)
+        slot = None
+        if self.backend.kind == "userspace":
+            used = {lane.box.slot for lane in self.lanes.values() if lane.box and lane.box.slot}
+            used |= {lane.rec.slot for lane in self.lanes.values() if lane.rec and lane.rec.slot}
+            slot = next((s for s in range(1, self.naming.max_slots() + 1) if s not in used), None)
+            if slot is None:
+                raise AgentError("no free lane link address")
+        private = keys.generate_private()
+        box = self.backend.create(
+            BoxRequest(
+                name=name,
+                private_key=private,
+                listen_port=spec.listen_port,
+                peer_public_key=spec.engineer_public_key,
+                engineer_address=str(spec.engineer_address),
+                slot=slot or 0,
+                engineer_sources=tuple(str(n) for n in spec.engineer_sources),
+            )
+        )
+        rules = _rules(name, spec, lane_id, box)
+        rec = LaneRecord(
+            session_id=spec.session_id,
+            name=name,
+            spec=spec.model_dump(mode="json"),
+            opened_at=self.clock.wall(),
+            deadline=want.deadline,
+            boot_id=self.clock.boot_id(),
+            end_time=spec.end_time.timestamp(),
+            mark_id=lane_id,
+            slot=slot,
+            node_public_key=box.node_public_key,
+            backend=self.backend.kind,
+        )
+        return want, rec, rules, box
+
+    def _commit_one_by_one(self, prepared, extends, deletes, now, errors):
+        if deletes:
+            for err in self.fw.delete_tolerant(deletes):
+                errors.append(f"removing lane elements: {err}")
+        committed = []
+        for item in prepared:
+            want, _rec, rules, _box = item
+            try:
+                self.fw.commit(add=self.fw.policy_elements(rules, want.deadline - now) + self.fw.accounting_elements(rules.name))
+                committed.append(item)
+            except FirewallError as exc:
+                errors.append(f"lane {want.spec.session_id}: rules refused: {exc}")
+                self.backend.destroy(rules.name, wait=True)
+        for have, want in extends:
+            lane = self.lanes[have.name]
+            try:
+                self.fw.delete_tolerant(self.fw.policy_keys(lane.rules))
+                self.fw.commit(add=self.fw.policy_elements(lane.rules, want.deadline - now))
+            except FirewallError as exc:
+                errors.append(f"lane {want.spec.session_id}: extension refused: {exc}")
+        return committed
+
+    # ---- teardown ----
+
+    def close_now(self, names: list[str], reason: EndReason) -> ReconcileReport:
+        """Close lanes outside a plan (reset, shutdown): same path, same evidence."""
+        changes: list[str] = []
+        errors: list[str] = []
+        self._close([(self.lanes[n], reason) for n in names if n in self.lanes], changes, errors, wait=True)
+        return ReconcileReport(generation=-1, changes=changes, errors=errors)
+
+    def _close(self, closing: list[tuple[Lane, EndReason]], changes, errors, wait: bool, rules_removed: bool = False) -> None:
+        if not closing:
+            return
+        if not rules_removed:
+            live = [k for lane, _ in closing if lane.rules for k in self.fw.policy_keys(lane.rules)]
+            for err in self.fw.delete_tolerant(live):
+                errors.append(f"removing lane elements: {err}")
+        harvests: dict[str, Harvest] = {}
+        for lane, _reason in closing:
+            harvests[lane.name] = self._harvest_connections(lane, errors)
+        # Connections flushed above report their end asynchronously; let the event thread catch up
+        # so the evidence sees every connection exactly once.
+        if self.listener is not None:
+            self.listener.wait_idle(0.5)
+        try:
+            blocked = self.fw.blocked({lane.name for lane, _ in closing})
+        except (FirewallError, OSError) as exc:
+            errors.append(f"reading refused attempts: {exc}")
+            blocked = {}
+        for lane, reason in closing:
+            h = harvests[lane.name]
+            h.blocked, h.blocked_truncated = blocked.get(lane.name, ([], False))
+            try:
+                h.counters = self.fw.counters(lane.name)
+                self.fw.delete_tolerant(self.fw.accounting_elements(lane.name))
+            except (FirewallError, OSError) as exc:
+                errors.append(f"lane {lane.name}: reading counters: {exc}")
+            h.ended_flows = self.state.read_flows(lane.name)
+            self.backend.destroy(lane.name, wait=wait)
+            with self._lock:
+                self.lanes.pop(lane.name, None)
+                for mark, name in list(self._marks.items()):
+                    if name == lane.name:
+                        del self._marks[mark]
+            evidence = build_evidence(self.node_id, self.backend.kind, lane.name, lane.rec, lane.rules, reason, h, self.clock)
+            self.state.spool(evidence)
+            if lane.rec:
+                self.state.drop_lane(lane.rec.session_id)
+            self.state.drop_flows(lane.name)
+            if self.on_evidence:
+                self.on_evidence(evidence)
+            sid = lane.rec.session_id if lane.rec else "unknown session"
+            late = f", {evidence.lateness_ms} ms after its end" if evidence.lateness_ms is not None and reason == EndReason.expired else ""
+            changes.append(f"closed lane {sid} ({lane.name}): {reason.value}{late}")
+
+    def _harvest_connections(self, lane: Lane, errors: list[str]) -> Harvest:
+        h = Harvest()
+        h.closed_mono = self.clock.mono()
+        h.closed_wall = self.clock.wall()
+        st = self.backend.stats(lane.name)
+        h.wireguard = st
+        if lane.rules is None:
+            return h
+        try:
+            h.cut_flows = self.ct.dump(lane.rules.mark)
+            h.cut_transport = self.ct.dump(lane.rules.transport_mark)
+            self.ct.flush(lane.rules.mark)
+            self.ct.flush(lane.rules.transport_mark)
+        except OSError as exc:
+            errors.append(f"lane {lane.name}: conntrack: {exc}")
+        return h
+
+    # ---- events and sampling ----
+
+    def on_flow_ended(self, flow) -> None:
+        """Called from the conntrack event thread for a DESTROY event with one of our marks."""
+        name = self._marks.get(flow.mark)
+        if name is not None:
+            self.state.append_flow(name, flow_to_dict(flow))
+
+    def on_events_lost(self) -> None:
+        for lane in list(self.lanes.values()):
+            if lane.rec and not lane.rec.flow_overrun:
+                lane.rec.flow_overrun = True
+                self.state.save_lane(lane.rec)
+
+    def sample_handshakes(self) -> None:
+        for lane in list(self.lanes.values()):
+            if lane.rec is None:
+                continue
+            st = self.backend.stats(lane.name)
+            if st and st.last_handshake and st.last_handshake != lane.rec.last_handshake_seen:
+                lane.rec.last_handshake_seen = st.last_handshake
+                lane.rec.handshakes_observed += 1
+                self.state.save_lane(lane.rec)
+
+    def _rules_for(self, rec: LaneRecord, box: Box | None) -> LaneRules:
+        return _rules(rec.name, rec.lane, rec.mark_id, box, rec.slot, self.naming)
+
+
+def _rules(name: str, spec: LaneSpec, lane_id: int, box: Box | None, slot: int | None = None, naming=None) -> LaneRules:
+    transport = box.transport_address if box else None
+    if transport is None and slot and naming is not None:
+        transport = naming.link_pair(slot)[1]
+    return LaneRules(
+        name=name,
+        session_id=spec.session_id,
+        engineer_address=str(spec.engineer_address),
+        device_address=str(spec.device_address),
+        flows=tuple((f.transport.value, p) for f in spec.flows for p in f.ports()),
+        mark=nm.data_mark(lane_id),
+        transport_mark=nm.transport_mark(lane_id),
+        listen_port=spec.listen_port if transport else None,
+        transport_address=transport,
+    )
+
+
+def _describe_open(spec: LaneSpec, rules: LaneRules, box: Box) -> str:
+    flows = ",".join(f.label() for f in spec.flows)
+    return (
+        f"opened lane {spec.session_id} ({rules.name}): {spec.engineer_address} → {spec.device_address} "
+        f"{flows} until {spec.end_time.isoformat()}, udp/{spec.listen_port}"
+    )
+
+
+__all__ = ["Lane", "LaneManager"]

@@ -1,0 +1,166 @@
+"""What the agent keeps on disk (0700 directory, 0600 files), so a restart — also after kill -9 — knows
+what it was enforcing, when each lane ends, and which evidence is not yet delivered.
+
+Layout under the state directory:
+  desired.json            the last desired state applied (highest generation)
+  lanes/<session>.json    one record per open lane: its spec, its monotonic deadline, when it opened
+  closed/<session>.json   sessions closed on this node before their end (so a re-sent state cannot reopen them)
+  flows/<lane>.jsonl      connections that ended while the lane lived (conntrack DESTROY events)
+  evidence/<id>.json      lane evidence waiting to be collected
+Every file is written to a temporary name, fsynced and renamed: a crash leaves the old or the new file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from .wire import DesiredNodeState, LaneEvidence, LaneSpec
+
+
+@dataclass
+class LaneRecord:
+    session_id: str
+    name: str
+    spec: dict
+    opened_at: float  # wall clock
+    deadline: float  # CLOCK_BOOTTIME seconds
+    boot_id: str
+    end_time: float  # the spec's end time the deadline was computed from (wall seconds)
+    mark_id: int
+    slot: int | None
+    node_public_key: str | None
+    backend: str
+    handshakes_observed: int = 0
+    last_handshake_seen: float | None = None
+    flow_overrun: bool = False
+    agent_gaps: list | None = None  # [[from_wall, to_wall], ...] when the agent was not running
+
+    @property
+    def lane(self) -> LaneSpec:
+        return LaneSpec.model_validate(self.spec)
+
+
+class StateDir:
+    def __init__(self, path: str | os.PathLike):
+        self.root = Path(path)
+        for sub in ("", "lanes", "closed", "flows", "evidence"):
+            d = self.root / sub
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(d, 0o700)
+
+    # ---- desired state ----
+
+    def load_desired(self) -> DesiredNodeState | None:
+        p = self.root / "desired.json"
+        if not p.exists():
+            return None
+        return DesiredNodeState.model_validate_json(p.read_text())
+
+    def save_desired(self, desired: DesiredNodeState) -> None:
+        _write(self.root / "desired.json", desired.model_dump_json(indent=1))
+
+    # ---- lanes ----
+
+    def lane_records(self) -> dict[str, LaneRecord]:
+        out = {}
+        for p in (self.root / "lanes").glob("*.json"):
+            try:
+                rec = LaneRecord(**json.loads(p.read_text()))
+            except (ValueError, TypeError):
+                continue  # a record we cannot read: the lane is then an orphan and gets swept
+            out[rec.session_id] = rec
+        return out
+
+    def save_lane(self, rec: LaneRecord) -> None:
+        _write(self.root / "lanes" / f"{rec.session_id}.json", json.dumps(asdict(rec)))
+
+    def drop_lane(self, session_id: str) -> None:
+        _unlink(self.root / "lanes" / f"{session_id}.json")
+
+    # ---- local closes ----
+
+    def closed(self) -> dict[str, float]:
+        out = {}
+        for p in (self.root / "closed").glob("*.json"):
+            try:
+                out[p.stem] = float(json.loads(p.read_text())["until"])
+            except (ValueError, KeyError):
+                continue
+        return out
+
+    def mark_closed(self, session_id: str, until_wall: float) -> None:
+        _write(self.root / "closed" / f"{session_id}.json", json.dumps({"until": until_wall}))
+
+    def forget_closed(self, session_id: str) -> None:
+        _unlink(self.root / "closed" / f"{session_id}.json")
+
+    # ---- flows that ended during a lane ----
+
+    def append_flow(self, lane: str, record: dict) -> None:
+        path = self.root / "flows" / f"{lane}.jsonl"
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, (json.dumps(record) + "\n").encode())
+        finally:
+            os.close(fd)
+
+    def read_flows(self, lane: str) -> list[dict]:
+        path = self.root / "flows" / f"{lane}.jsonl"
+        if not path.exists():
+            return []
+        out = []
+        for line in path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue  # a line torn by a crash
+        return out
+
+    def drop_flows(self, lane: str) -> None:
+        _unlink(self.root / "flows" / f"{lane}.jsonl")
+
+    # ---- evidence ----
+
+    def spool(self, evidence: LaneEvidence) -> str:
+        ident = f"{evidence.session_id}-{int(evidence.closed_at.timestamp() * 1000)}"
+        _write(self.root / "evidence" / f"{ident}.json", evidence.model_dump_json(indent=1))
+        return ident
+
+    def pending_evidence(self) -> dict[str, LaneEvidence]:
+        out = {}
+        for p in sorted((self.root / "evidence").glob("*.json")):
+            out[p.stem] = LaneEvidence.model_validate_json(p.read_text())
+        return out
+
+    def ack_evidence(self, ident: str) -> bool:
+        if "/" in ident or ident.startswith("."):
+            return False
+        p = self.root / "evidence" / f"{ident}.json"
+        if not p.exists():
+            return False
+        p.unlink()
+        return True
+
+
+def _write(path: Path, text: str | BaseModel) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, text.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
