@@ -28,6 +28,9 @@ from .wire import AgentStatus, DesiredNodeState, EndReason, ObservedLane, Reconc
 
 log = logging.getLogger("wicket.agent")
 HEARTBEAT_S = 2.0
+# How long an ended session stays unreopenable after it is no longer listed (defence against a
+# controller, or a replayed message, listing it again).
+TOMBSTONE_RETENTION_S = 7 * 24 * 3600
 
 
 class Agent:
@@ -74,7 +77,8 @@ class Agent:
         if (did := fw.ensure()):
             notes.append(did)
         ct = self._conntrack or Conntrack()
-        self.lanes = LaneManager(self.naming, self._backend, fw, ct, self.state, self.clock, self.cfg.node_id)
+        self.lanes = LaneManager(self.naming, self._backend, fw, ct, self.state, self.clock, self.cfg.node_id,
+                                 on_evidence=self._on_evidence)
         if self.listen_events:
             self.listener = DestroyListener(
                 want=lambda mark: self.lanes.lane_of_mark(mark) is not None,
@@ -236,6 +240,7 @@ class Agent:
         records = {lane.rec.session_id: lane.rec for lane in self.lanes.lanes.values() if lane.rec}
         boot = self.clock.boot_id()
         closed = self.state.closed()
+        now = self.clock.mono()
         wants = {}
         for spec in self.desired.lanes:
             if spec.session_id in closed:
@@ -245,13 +250,26 @@ class Agent:
                 deadline = rec.deadline  # first seen earlier: keep it, whatever the wall clock did since
             else:
                 deadline = self.clock.deadline_for(spec.end_time)
+            if deadline <= now and rec is None:
+                # Over before it ever opened (or while it could not): an extension sent later does
+                # not bring it back. Hard expiry holds for lanes that never opened too.
+                self.state.mark_closed(spec.session_id, spec.end_time.timestamp())
+                continue
             wants[spec.session_id] = Want(spec=spec, deadline=deadline)
         return wants
 
+    def _on_evidence(self, evidence) -> None:
+        # A session that ended stays ended while the desired state still lists it, whatever the wall
+        # clock says: without this, a clock set back would reopen an expired lane.
+        if evidence.session_id and evidence.end_reason in (EndReason.expired, EndReason.closed):
+            until = evidence.planned_end.timestamp() if evidence.planned_end else self.clock.wall()
+            self.state.mark_closed(evidence.session_id, until)
+
     def _expire_tombstones(self) -> None:
         wall = self.clock.wall()
-        for sid, until in self.state.closed().items():
-            if until < wall - 60:
+        listed = {lane.session_id for lane in self.desired.lanes} if self.desired else set()
+        for sid, until in list(self.state.closed().items()):
+            if sid not in listed and until < wall - TOMBSTONE_RETENTION_S:
                 self.state.forget_closed(sid)
 
     def _agent_gap(self) -> tuple[float, float] | None:

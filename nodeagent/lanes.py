@@ -143,6 +143,12 @@ class LaneManager:
             self._close([(self.lanes[have.name], EndReason.replaced)], changes, errors, wait=True)
             p.open.append(want)
             changes.append(f"replacing lane {want.spec.session_id}: {why}")
+        # A closing lane whose UDP port a new lane needs must go first, as with a replacement.
+        needed = {w.spec.listen_port for w in p.open}
+        first = [(h, r) for h, r in p.close if h.spec is not None and h.spec.listen_port in needed]
+        if first:
+            self._close([(self.lanes[h.name], r) for h, r in first], changes, errors, wait=True)
+            p.close = [(h, r) for h, r in p.close if (h, r) not in first]
         # 2. build new lanes' boxes
         prepared: list[tuple[Want, LaneRecord, LaneRules, Box]] = []
         for want in p.open:

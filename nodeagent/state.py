@@ -49,6 +49,7 @@ class LaneRecord:
 class StateDir:
     def __init__(self, path: str | os.PathLike):
         self.root = Path(path)
+        self._closed: dict[str, float] | None = None
         for sub in ("", "lanes", "closed", "flows", "evidence"):
             d = self.root / sub
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -86,19 +87,23 @@ class StateDir:
     # ---- local closes ----
 
     def closed(self) -> dict[str, float]:
-        out = {}
-        for p in (self.root / "closed").glob("*.json"):
-            try:
-                out[p.stem] = float(json.loads(p.read_text())["until"])
-            except (ValueError, KeyError):
-                continue
-        return out
+        """Sessions that ended on this node -> their end (wall seconds). Cached: read once per process."""
+        if self._closed is None:
+            self._closed = {}
+            for p in (self.root / "closed").glob("*.json"):
+                try:
+                    self._closed[p.stem] = float(json.loads(p.read_text())["until"])
+                except (ValueError, KeyError):
+                    continue
+        return self._closed
 
     def mark_closed(self, session_id: str, until_wall: float) -> None:
         _write(self.root / "closed" / f"{session_id}.json", json.dumps({"until": until_wall}))
+        self.closed()[session_id] = until_wall
 
     def forget_closed(self, session_id: str) -> None:
         _unlink(self.root / "closed" / f"{session_id}.json")
+        self.closed().pop(session_id, None)
 
     # ---- flows that ended during a lane ----
 
@@ -128,7 +133,11 @@ class StateDir:
     # ---- evidence ----
 
     def spool(self, evidence: LaneEvidence) -> str:
-        ident = f"{evidence.session_id}-{int(evidence.closed_at.timestamp() * 1000)}"
+        base = f"{evidence.session_id or 'orphan'}-{int(evidence.closed_at.timestamp() * 1000)}-{evidence.lane}"
+        ident, n = base, 1
+        while (self.root / "evidence" / f"{ident}.json").exists():
+            n += 1
+            ident = f"{base}-{n}"
         _write(self.root / "evidence" / f"{ident}.json", evidence.model_dump_json(indent=1))
         return ident
 
