@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import string
 from dataclasses import dataclass
 from importlib import resources
@@ -235,13 +236,18 @@ class Firewall:
             raise FirewallError(err.strip() or f"nft transaction failed (rc={rc})", missing="No such file" in err)
 
     def _table_comment(self) -> str | None:
-        rc, out, err = self.nft.cmd(f"list table inet {self.table}")
+        """The table's comment (it carries the template version), None if there is no table.
+
+        nft 1.0.6 leaves comments out of its JSON output, so this reads the text form (start-up only)."""
+        self.nft.set_json_output(False)
+        try:
+            rc, out, _err = self.nft.cmd(f"list table inet {self.table}")
+        finally:
+            self.nft.set_json_output(True)
         if rc != 0:
             return None
-        for obj in json.loads(out)["nftables"]:
-            if "table" in obj:
-                return obj["table"].get("comment", "")
-        return ""
+        m = re.search(r'^\s*comment "([^"]*)"', out, re.MULTILINE)
+        return m.group(1) if m else ""
 
     def _sets(self) -> NftSets:
         if self._raw is None:

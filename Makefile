@@ -1,0 +1,56 @@
+# wicket — the two commands in the README are `make demo` and `make test`; both set up everything first.
+# Everything runs as root on Debian 12: the lab builds network namespaces, nftables tables and WireGuard lanes.
+
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+# Debian's python3 (3.11) is the one python3-nftables (libnftables bindings) is built for; the venv sees
+# that package through --system-site-packages. Any other python3 on PATH cannot import `nftables`.
+SYSPY := /usr/bin/python3
+APT_PACKAGES := wireguard-tools wireguard-go nftables python3-nftables conntrack iproute2 util-linux \
+	python3-venv python3-pip iperf3 tcpdump nmap procps kmod
+PYTEST_ARGS ?=
+
+.PHONY: setup system venv demo test test-fast lint bench sweep clean
+
+setup: system venv
+
+# Installs only what is missing, so a second run costs a second.
+system:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "[setup] apt-get install $$missing"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get update -q && apt-get install -y --no-install-recommends $$missing; \
+	fi
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@[ -x $(PY) ] || $(SYSPY) -m venv --system-site-packages $(VENV)
+	@$(PY) -c 'import nftables' || { echo "[setup] the venv cannot import nftables (python3-nftables)"; exit 1; }
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+demo: setup
+	$(PY) -m tests.lab.demo $(DEMO_ARGS)
+
+test: setup lint
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: venv
+	$(PY) -m pytest -m "not lab and not kernel" $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/ruff check nodeagent controller tests bench
+
+bench: setup
+	$(PY) -m bench.lanes $(BENCH_ARGS)
+
+sweep: venv
+	$(PY) -m tests.lab sweep
+
+clean: sweep
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
