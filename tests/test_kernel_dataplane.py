@@ -118,7 +118,8 @@ def test_rtnl_policy_rules(inside, ns):
     rules = rules.replace(" [detached]", "")
     assert "110:\tfrom 203.0.113.0/24 to 169.254.0.3 iif uplink lookup local" in rules
     assert "190:\tfrom all to 169.254.0.3 iif uplink blackhole" in rules
-    assert "0:\tfrom all lookup local" not in rules and "200:\tfrom all lookup local" in rules
+    lines = rules.splitlines()
+    assert "0:\tfrom all lookup local" not in lines and "200:\tfrom all lookup local" in lines
 
 
 # ---- nftables ----
