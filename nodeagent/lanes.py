@@ -59,6 +59,7 @@ class LaneManager:
         self.lanes: dict[str, Lane] = {}
         self._marks: dict[int, str] = {}  # ct mark → lane name, for the conntrack event thread
         self._lock = threading.Lock()
+        self._slot_cursor = 0
 
     # ---- model ----
 
@@ -211,9 +212,12 @@ class LaneManager:
         if self.backend.kind == "userspace":
             used = {lane.box.slot for lane in self.lanes.values() if lane.box and lane.box.slot}
             used |= {lane.rec.slot for lane in self.lanes.values() if lane.rec and lane.rec.slot}
-            slot = next((s for s in range(1, self.naming.max_slots() + 1) if s not in used), None)
+            # Rotate rather than take the lowest free slot: a just-closed lane's box may still be going away.
+            total = self.naming.max_slots()
+            slot = next((s for s in ((self._slot_cursor + i) % total + 1 for i in range(total)) if s not in used), None)
             if slot is None:
                 raise AgentError("no free lane link address")
+            self._slot_cursor = slot
         private = keys.generate_private()
         box = self.backend.create(
             BoxRequest(

@@ -15,6 +15,7 @@ from .netlink import (
     NETLINK_ROUTE,
     NLM_F_CREATE,
     NLM_F_EXCL,
+    NLM_F_REPLACE,
     NetlinkSocket,
     attr,
     attr_str,
@@ -135,6 +136,7 @@ def add_route(
     gateway: str | None = None,
     oif: int | None = None,
     table: int = RT_TABLE_MAIN,
+    replace: bool = False,
 ) -> None:
     net = ipaddress.IPv4Network(dst)
     scope = RT_SCOPE_UNIVERSE if gateway else RT_SCOPE_LINK
@@ -146,7 +148,7 @@ def add_route(
         attrs += attr(RTA_GATEWAY, ipaddress.IPv4Address(gateway).packed)
     if oif is not None:
         attrs += attr_u32(RTA_OIF, oif)
-    rt.request(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, body + attrs)
+    rt.request(RTM_NEWROUTE, NLM_F_CREATE | (NLM_F_REPLACE if replace else NLM_F_EXCL), body + attrs)
 
 
 def add_rule(

@@ -45,7 +45,7 @@ class KernelBackend:
             )
             link = self.links.get_link(self.rt, req.name)
             self.links.set_up(self.rt, link.index)
-            self.links.add_route(self.rt, f"{req.engineer_address}/32", oif=link.index)
+            self.links.add_route(self.rt, f"{req.engineer_address}/32", oif=link.index, replace=True)
         except Exception:
             self.destroy(req.name)
             raise

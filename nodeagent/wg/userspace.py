@@ -155,7 +155,8 @@ class UserspaceBackend:
         link = rtnl.get_link(rt, req.name)
         rtnl.add_addr(rt, link.index, router_addr, 31)
         rtnl.set_up(rt, link.index)
-        rtnl.add_route(rt, f"{req.engineer_address}/32", gateway=box_addr)
+        # replace: the box of an earlier lane for this address may still be going away
+        rtnl.add_route(rt, f"{req.engineer_address}/32", gateway=box_addr, replace=True)
 
     def _plumb_box(self, req: BoxRequest, router_addr: str, box_addr: str) -> None:
         """Runs with the calling thread inside the box, before its TUN necessarily exists."""
@@ -173,6 +174,8 @@ class UserspaceBackend:
             rtnl.del_rule(rt, 0, table=rtnl.RT_TABLE_LOCAL)
             rtnl.add_rule(rt, PREF_FROM_TUNNEL, iif=req.name, table=TUNNEL_TABLE)
             if req.engineer_sources:
+                # The router's own link address first: ARP replies are decided by a route lookup too.
+                rtnl.add_rule(rt, PREF_SOURCE_ALLOW - 1, iif=UPLINK, src=f"{router_addr}/32", dst=f"{box_addr}/32", table=rtnl.RT_TABLE_LOCAL)
                 for i, cidr in enumerate(req.engineer_sources):
                     rtnl.add_rule(rt, PREF_SOURCE_ALLOW + i, iif=UPLINK, src=cidr, dst=f"{box_addr}/32", table=rtnl.RT_TABLE_LOCAL)
                 rtnl.add_rule(rt, PREF_SOURCE_DENY, iif=UPLINK, dst=f"{box_addr}/32", blackhole=True)

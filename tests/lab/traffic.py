@@ -1,0 +1,195 @@
+"""Traffic tools that run inside lab namespaces: `python -m tests.lab.traffic COMMAND …`.
+
+  serve --tcp 2404,502 [--udp 20000] [--sink 9000]   echo servers (and a TCP sink that counts bytes)
+  probe HOST PORT [--udp] [--timeout S]             prints open | refused | prohibited | timeout | unreachable
+  hold HOST PORT --seconds S                        one TCP connection, a line every 50 ms; prints JSON
+                                                    {"last_ok": wall, "broken": wall|null, "error": ...}
+  blast HOST PORT --count N --size S                UDP datagrams; prints {"sent": N, "payload_bytes": …}
+  send HOST PORT --bytes B                          TCP bulk send to a sink; prints {"sent": B}
+Used by the lab tests, the benchmarks and the demo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import socket
+import sys
+import threading
+import time
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="traffic")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("serve")
+    s.add_argument("--tcp", default="")
+    s.add_argument("--udp", default="")
+    s.add_argument("--sink", default="")
+    pr = sub.add_parser("probe")
+    pr.add_argument("host")
+    pr.add_argument("port", type=int)
+    pr.add_argument("--udp", action="store_true")
+    pr.add_argument("--timeout", type=float, default=1.0)
+    h = sub.add_parser("hold")
+    h.add_argument("host")
+    h.add_argument("port", type=int)
+    h.add_argument("--seconds", type=float, required=True)
+    b = sub.add_parser("blast")
+    b.add_argument("host")
+    b.add_argument("port", type=int)
+    b.add_argument("--count", type=int, required=True)
+    b.add_argument("--size", type=int, required=True)
+    se = sub.add_parser("send")
+    se.add_argument("host")
+    se.add_argument("port", type=int)
+    se.add_argument("--bytes", type=int, required=True)
+    args = p.parse_args(argv)
+    return {"serve": serve, "probe": probe, "hold": hold, "blast": blast, "send": send}[args.cmd](args)
+
+
+def _ports(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def serve(args) -> int:
+    for port in _ports(args.tcp):
+        threading.Thread(target=_tcp_server, args=(port, True), daemon=True).start()
+    for port in _ports(args.sink):
+        threading.Thread(target=_tcp_server, args=(port, False), daemon=True).start()
+    for port in _ports(args.udp):
+        threading.Thread(target=_udp_echo, args=(port,), daemon=True).start()
+    time.sleep(0.1)
+    print("ready", flush=True)
+    threading.Event().wait()
+    return 0
+
+
+def _tcp_server(port: int, echo: bool) -> None:
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("0.0.0.0", port))
+    srv.listen(64)
+    while True:
+        conn, _ = srv.accept()
+        threading.Thread(target=_tcp_conn, args=(conn, echo), daemon=True).start()
+
+
+def _tcp_conn(conn: socket.socket, echo: bool) -> None:
+    with conn:
+        try:
+            while data := conn.recv(65536):
+                if echo:
+                    conn.sendall(data)
+        except OSError:
+            pass
+
+
+def _udp_echo(port: int) -> None:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("0.0.0.0", port))
+    while True:
+        data, peer = s.recvfrom(65536)
+        s.sendto(data, peer)
+
+
+def probe(args) -> int:
+    print(probe_once(args.host, args.port, args.udp, args.timeout))
+    return 0
+
+
+def probe_once(host: str, port: int, udp: bool, timeout: float) -> str:
+    if udp:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.settimeout(timeout)
+        try:
+            s.connect((host, port))
+            s.send(b"probe")
+            s.recv(100)
+            return "open"
+        except TimeoutError:
+            return "timeout"
+        except OSError as exc:
+            return _classify(exc)
+        finally:
+            s.close()
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+        return "open"
+    except TimeoutError:
+        return "timeout"
+    except OSError as exc:
+        return _classify(exc)
+
+
+def _classify(exc: OSError) -> str:
+    if exc.errno == errno.ECONNREFUSED:
+        return "refused"
+    if exc.errno in (errno.EHOSTUNREACH, errno.EACCES, errno.EPERM):
+        return "prohibited"
+    if exc.errno in (errno.ENETUNREACH,):
+        return "unreachable"
+    return f"error:{errno.errorcode.get(exc.errno, exc.errno)}"
+
+
+def hold(args) -> int:
+    result = {"connected": None, "last_ok": None, "broken": None, "error": None}
+    try:
+        s = socket.create_connection((args.host, args.port), timeout=2)
+    except OSError as exc:
+        result["error"] = f"connect: {exc}"
+        print(json.dumps(result), flush=True)
+        return 0
+    result["connected"] = time.time()
+    s.settimeout(0.5)
+    end = time.time() + args.seconds
+    n = 0
+    try:
+        while time.time() < end:
+            line = f"ping {n}\n".encode()
+            s.sendall(line)
+            got = b""
+            while len(got) < len(line):
+                chunk = s.recv(len(line) - len(got))
+                if not chunk:
+                    raise ConnectionResetError("closed by peer")
+                got += chunk
+            result["last_ok"] = time.time()
+            n += 1
+            time.sleep(0.05)
+    except OSError as exc:
+        result["broken"] = time.time()
+        result["error"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        s.close()
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+def blast(args) -> int:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    payload = b"\xa5" * args.size
+    for _ in range(args.count):
+        s.sendto(payload, (args.host, args.port))
+        time.sleep(0.0002)
+    print(json.dumps({"sent": args.count, "payload_bytes": args.count * args.size, "ip_bytes": args.count * (args.size + 28)}))
+    return 0
+
+
+def send(args) -> int:
+    s = socket.create_connection((args.host, args.port), timeout=5)
+    chunk = b"\x5a" * 65536
+    left = args.bytes
+    while left > 0:
+        n = s.send(chunk[: min(left, len(chunk))])
+        left -= n
+    s.shutdown(socket.SHUT_WR)
+    s.recv(1)
+    s.close()
+    print(json.dumps({"sent": args.bytes}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
