@@ -78,7 +78,7 @@ class Agent:
             notes.append(did)
         ct = self._conntrack or Conntrack()
         self.lanes = LaneManager(self.naming, self._backend, fw, ct, self.state, self.clock, self.cfg.node_id,
-                                 on_evidence=self._on_evidence)
+                                 on_ended=self._on_ended)
         if self.listen_events:
             self.listener = DestroyListener(
                 want=lambda mark: self.lanes.lane_of_mark(mark) is not None,
@@ -258,12 +258,11 @@ class Agent:
             wants[spec.session_id] = Want(spec=spec, deadline=deadline)
         return wants
 
-    def _on_evidence(self, evidence) -> None:
+    def _on_ended(self, session_id: str, reason: EndReason, end_time: float) -> None:
         # A session that ended stays ended while the desired state still lists it, whatever the wall
         # clock says: without this, a clock set back would reopen an expired lane.
-        if evidence.session_id and evidence.end_reason in (EndReason.expired, EndReason.closed):
-            until = evidence.planned_end.timestamp() if evidence.planned_end else self.clock.wall()
-            self.state.mark_closed(evidence.session_id, until)
+        if reason in (EndReason.expired, EndReason.closed):
+            self.state.mark_closed(session_id, end_time)
 
     def _expire_tombstones(self) -> None:
         wall = self.clock.wall()

@@ -43,6 +43,13 @@ class AgentConfig:
         return str(Path(self.state_dir) / "control.sock")
 
     def validate(self) -> AgentConfig:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            want = {"str": str, "int": int, "float": (int, float)}[f.type]
+            if isinstance(value, bool) or not isinstance(value, want):
+                raise ConfigError(f"{f.name} = {value!r}: expected {f.type}")
+        if self.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ConfigError(f"log_level {self.log_level!r}: one of DEBUG, INFO, WARNING, ERROR")
         if not self.node_id:
             self.node_id = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:64] or "node"
         if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", self.node_id):
@@ -81,7 +88,10 @@ def load(path: str | None, overrides: dict) -> AgentConfig:
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: {exc}") from exc
     elif Path(DEFAULT_PATH).exists():
-        data = tomllib.loads(Path(DEFAULT_PATH).read_text())
+        try:
+            data = tomllib.loads(Path(DEFAULT_PATH).read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{DEFAULT_PATH}: {exc}") from exc
     known = {f.name for f in fields(AgentConfig)}
     for key in data:
         if key in _REMOVED:

@@ -58,7 +58,8 @@ def build_evidence(
     refused = h.counters.get("lane_refused", (0, 0))
     lateness = None
     if rec is not None:
-        lateness = int(round((h.closed_mono - rec.deadline) * 1000))
+        if reason == EndReason.expired:
+            lateness = int(round((h.closed_mono - rec.deadline) * 1000))
         for start, end in rec.agent_gaps or []:
             notes.append(
                 f"the agent was not running from {_iso(start)} to {_iso(end)}: connections that ended in that "
@@ -117,7 +118,8 @@ def _merge_flows(h: Harvest, rules: LaneRules | None) -> tuple[list[FlowRecord],
     transport_mark = rules.transport_mark if rules else None
     cut = {f.id for f in h.cut_flows} | {f.id for f in h.cut_transport}
     for d in h.ended_flows:
-        seen[d["id"]] = (d["mark"] == transport_mark, _record(d, "cut" if d["id"] in cut else "ended"))
+        was_cut = d.get("cut") or d["id"] in cut
+        seen[d["id"]] = (d["mark"] == transport_mark, _record(d, "cut" if was_cut else "ended"))
     for f in h.cut_flows:
         seen.setdefault(f.id, (False, _record(flow_to_dict(f), "cut")))
     for f in h.cut_transport:

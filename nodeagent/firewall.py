@@ -177,18 +177,21 @@ class Firewall:
 
     # ---- reading ----
 
-    def counters(self, name: str) -> dict[str, tuple[int, int]]:
+    def counters(self, name: str) -> dict[str, tuple[int, int]] | None:
+        """The lane's accounting counters, or None when its elements are gone (already harvested)."""
         raw = self._sets()
-        out = {}
+        out, found = {}, False
         for s in ACCOUNTING_SETS:
             c = raw.counter(s, key_ifname(name))
+            found |= c is not None
             out[s] = (c.packets, c.bytes) if c else (0, 0)
-        return out
+        return out if found else None
 
-    def blocked(self, names: set[str], limit_per_lane: int = 256) -> dict[str, tuple[list[tuple[str, str, int | None, int]], bool]]:
-        """Refused destinations per lane, from the kernel's dynamic set; removes what it read.
+    def blocked(self, names: set[str], limit_per_lane: int = 256):
+        """Refused destinations per lane, from the kernel's dynamic set.
 
-        Returns name -> ([(destination, protocol, port, packets)], truncated)."""
+        Returns ({name: ([(destination, protocol, port, packets)], truncated)}, elements to delete once
+        the evidence holding them is written)."""
         found: dict[str, list] = {n: [] for n in names}
         to_delete = []
         for c in self._sets().dump("lane_blocked"):
@@ -198,15 +201,11 @@ class Firewall:
             proto_name = PROTO_NAME.get(proto, str(proto))
             found[lane].append((addr, proto_name, port if proto in (6, 17) else None, c.packets))
             to_delete.append({"concat": [lane, addr, proto_name if proto in PROTO_NUM.values() else proto, port]})
-        if to_delete:
-            errs = self.delete_tolerant([self._elem("lane_blocked", to_delete)])
-            if errs:
-                raise FirewallError("; ".join(errs[:3]))
         out = {}
         for lane, rows in found.items():
             rows.sort(key=lambda r: -r[3])
             out[lane] = (rows[:limit_per_lane], len(rows) > limit_per_lane)
-        return out
+        return out, ([self._elem("lane_blocked", to_delete)] if to_delete else [])
 
     def view(self) -> TableView:
         rc, out, err = self.nft.cmd(f"list table inet {self.table}")

@@ -25,7 +25,7 @@ from .firewall import Firewall, LaneRules
 from .reconcile import Have, Plan, Want, plan
 from .state import LaneRecord, StateDir
 from .wg.base import Backend, Box, BoxRequest
-from .wire import EndReason, LaneEvidence, LaneSpec, ReconcileReport
+from .wire import EndReason, LaneSpec, ReconcileReport
 
 log = logging.getLogger("wicket.agent.lanes")
 
@@ -37,6 +37,7 @@ class Lane:
     rules: LaneRules | None
     box: Box | None
     healthy: bool = True
+    session_hint: str | None = None  # from the kernel (nft comment) when there is no record
 
 
 class LaneManager:
@@ -49,17 +50,18 @@ class LaneManager:
         state: StateDir,
         clock: Clock,
         node_id: str,
-        on_evidence: Callable[[LaneEvidence], None] | None = None,
+        on_ended: Callable[[str, EndReason, float], None] | None = None,
         listener=None,
     ):
         self.naming, self.backend, self.fw, self.ct = naming, backend, firewall, conntrack
         self.state, self.clock, self.node_id = state, clock, node_id
-        self.on_evidence = on_evidence
+        self.on_ended = on_ended
         self.listener = listener
         self.lanes: dict[str, Lane] = {}
         self._marks: dict[int, str] = {}  # ct mark → lane name, for the conntrack event thread
         self._lock = threading.Lock()
         self._slot_cursor = 0
+        self._closing: set[str] = set()
 
     # ---- model ----
 
@@ -83,7 +85,7 @@ class LaneManager:
             healthy = bool(rec and box and box.device and box.router_link and name in view.marks)
             if rec and rules and rules.mark != view.marks.get(name, rules.mark):
                 healthy = False
-            lanes[name] = Lane(name, rec, rules, box, healthy)
+            lanes[name] = Lane(name, rec, rules, box, healthy, session_hint=view.sessions.get(name))
             if rec is None:
                 notes.append(f"found orphan lane {name} (session {view.sessions.get(name, 'unknown')})")
             elif not healthy:
@@ -98,17 +100,20 @@ class LaneManager:
                     self._marks[nm.TRANSPORT_MARK | (mark & nm.MARK_ID)] = lane.name
         return notes
 
-    def haves(self) -> list[Have]:
+    def haves(self, wanted_names: dict[str, str] | None = None) -> list[Have]:
+        """`wanted_names` maps lane names of wanted sessions to their ids: a box without a record whose
+        name is one of them is that session's damaged lane (say, a crash mid-open), not a stranger."""
         out = []
         for lane in self.lanes.values():
             rec = lane.rec
+            sid = rec.session_id if rec else (wanted_names or {}).get(lane.name)
             out.append(
                 Have(
                     name=lane.name,
-                    session_id=rec.session_id if rec else None,
+                    session_id=sid,
                     spec=rec.lane if rec else None,
                     deadline=rec.deadline if rec else None,
-                    healthy=lane.healthy,
+                    healthy=lane.healthy and (rec is None or rec.opened),
                 )
             )
         return out
@@ -124,7 +129,8 @@ class LaneManager:
 
     def reconcile(self, wants: dict[str, Want], closed: set[str], generation: int) -> ReconcileReport:
         now = self.clock.mono()
-        p = plan(wants, self.haves(), closed, now)
+        names = {self.naming.lane_name(sid): sid for sid in wants}
+        p = plan(wants, self.haves(names), closed, now)
         report = ReconcileReport(generation=generation)
         if p.empty():
             return report
@@ -184,6 +190,7 @@ class LaneManager:
             for err in self.fw.delete_tolerant(stale):
                 errors.append(f"removing expired elements: {err}")
         for want, rec, rules, box in committed:
+            rec.opened = True
             self.state.save_lane(rec)
             with self._lock:
                 self.lanes[rules.name] = Lane(rules.name, rec, rules, box, True)
@@ -219,18 +226,6 @@ class LaneManager:
                 raise AgentError("no free lane link address")
             self._slot_cursor = slot
         private = keys.generate_private()
-        box = self.backend.create(
-            BoxRequest(
-                name=name,
-                private_key=private,
-                listen_port=spec.listen_port,
-                peer_public_key=spec.engineer_public_key,
-                engineer_address=str(spec.engineer_address),
-                slot=slot or 0,
-                engineer_sources=tuple(str(n) for n in spec.engineer_sources),
-            )
-        )
-        rules = _rules(name, spec, lane_id, box)
         rec = LaneRecord(
             session_id=spec.session_id,
             name=name,
@@ -241,10 +236,31 @@ class LaneManager:
             end_time=spec.end_time.timestamp(),
             mark_id=lane_id,
             slot=slot,
-            node_public_key=box.node_public_key,
+            node_public_key=keys.public_of(private),
             backend=self.backend.kind,
         )
+        # The record goes first: a crash from here on leaves a lane the next start recognises and cleans.
+        self.state.save_lane(rec)
+        try:
+            box = self._create_box(name, private, spec, slot)
+        except BaseException:
+            self.state.drop_lane(spec.session_id)
+            raise
+        rules = _rules(name, spec, lane_id, box)
         return want, rec, rules, box
+
+    def _create_box(self, name: str, private: str, spec: LaneSpec, slot: int | None) -> Box:
+        return self.backend.create(
+            BoxRequest(
+                name=name,
+                private_key=private,
+                listen_port=spec.listen_port,
+                peer_public_key=spec.engineer_public_key,
+                engineer_address=str(spec.engineer_address),
+                slot=slot or 0,
+                engineer_sources=tuple(str(n) for n in spec.engineer_sources),
+            )
+        )
 
     def _commit_one_by_one(self, prepared, extends, deletes, now, errors):
         if deletes:
@@ -259,6 +275,7 @@ class LaneManager:
             except FirewallError as exc:
                 errors.append(f"lane {want.spec.session_id}: rules refused: {exc}")
                 self.backend.destroy(rules.name, wait=True)
+                self.state.drop_lane(want.spec.session_id)
         for have, want in extends:
             lane = self.lanes[have.name]
             try:
@@ -278,63 +295,82 @@ class LaneManager:
         return ReconcileReport(generation=-1, changes=changes, errors=errors)
 
     def _close(self, closing: list[tuple[Lane, EndReason]], changes, errors, wait: bool, rules_removed: bool = False) -> None:
+        """End lanes. Crash-safe order: harvest, write the evidence (durably, its id noted in the lane
+        record first), and only then clear counters, connections' journal and the box. A restart in
+        between finds either the evidence written or the kernel counters still there."""
         if not closing:
             return
         if not rules_removed:
             live = [k for lane, _ in closing if lane.rules for k in self.fw.policy_keys(lane.rules)]
             for err in self.fw.delete_tolerant(live):
                 errors.append(f"removing lane elements: {err}")
-        harvests: dict[str, Harvest] = {}
-        for lane, _reason in closing:
-            harvests[lane.name] = self._harvest_connections(lane, errors)
+        harvests = {lane.name: self._harvest_connections(lane, errors) for lane, _ in closing}
         # Connections flushed above report their end asynchronously; let the event thread catch up
         # so the evidence sees every connection exactly once.
         if self.listener is not None:
             self.listener.wait_idle(0.5)
         try:
-            blocked = self.fw.blocked({lane.name for lane, _ in closing})
+            blocked, blocked_keys = self.fw.blocked({lane.name for lane, _ in closing})
         except (FirewallError, OSError) as exc:
             errors.append(f"reading refused attempts: {exc}")
-            blocked = {}
+            blocked, blocked_keys = {}, []
         for lane, reason in closing:
             h = harvests[lane.name]
             h.blocked, h.blocked_truncated = blocked.get(lane.name, ([], False))
+            counters = None
             try:
-                h.counters = self.fw.counters(lane.name)
-                self.fw.delete_tolerant(self.fw.accounting_elements(lane.name))
+                counters = self.fw.counters(lane.name)
             except (FirewallError, OSError) as exc:
                 errors.append(f"lane {lane.name}: reading counters: {exc}")
+            h.counters = counters or {}
             h.ended_flows = self.state.read_flows(lane.name)
+            rec = lane.rec
+            evidence = None
+            already = rec is not None and rec.evidence is not None and self.state.has_evidence(rec.evidence)
+            if not already and (rec is None or rec.opened or counters is not None):
+                evidence = build_evidence(self.node_id, self.backend.kind, lane.name, rec, lane.rules, reason, h, self.clock)
+                ident = self.state.evidence_ident(evidence)
+                if rec is not None:
+                    rec.evidence = ident
+                    self.state.save_lane(rec)
+                self.state.spool(evidence, ident)
+            self.fw.delete_tolerant(self.fw.accounting_elements(lane.name))
             self.backend.destroy(lane.name, wait=wait)
             with self._lock:
+                self._closing.discard(lane.name)
                 self.lanes.pop(lane.name, None)
                 for mark, name in list(self._marks.items()):
                     if name == lane.name:
                         del self._marks[mark]
-            evidence = build_evidence(self.node_id, self.backend.kind, lane.name, lane.rec, lane.rules, reason, h, self.clock)
-            self.state.spool(evidence)
-            if lane.rec:
-                self.state.drop_lane(lane.rec.session_id)
+            if rec is not None:
+                self.state.drop_lane(rec.session_id)
+                if self.on_ended:
+                    self.on_ended(rec.session_id, reason, rec.end_time)
             self.state.drop_flows(lane.name)
-            if self.on_evidence:
-                self.on_evidence(evidence)
-            sid = lane.rec.session_id if lane.rec else "unknown session"
-            late = f", {evidence.lateness_ms} ms after its end" if evidence.lateness_ms is not None and reason == EndReason.expired else ""
+            sid = rec.session_id if rec else f"unknown session {lane.session_hint or ''}".strip()
+            late = ""
+            if evidence is not None and evidence.lateness_ms is not None and reason == EndReason.expired:
+                late = f", {evidence.lateness_ms} ms after its end"
             changes.append(f"closed lane {sid} ({lane.name}): {reason.value}{late}")
+        if blocked_keys:
+            for err in self.fw.delete_tolerant(blocked_keys):
+                errors.append(f"clearing refused attempts: {err}")
 
     def _harvest_connections(self, lane: Lane, errors: list[str]) -> Harvest:
         h = Harvest()
         h.closed_mono = self.clock.mono()
         h.closed_wall = self.clock.wall()
-        st = self.backend.stats(lane.name)
-        h.wireguard = st
+        h.wireguard = self.backend.stats(lane.name)
         if lane.rules is None:
             return h
         try:
-            h.cut_flows = self.ct.dump(lane.rules.mark)
-            h.cut_transport = self.ct.dump(lane.rules.transport_mark)
-            self.ct.flush(lane.rules.mark)
-            self.ct.flush(lane.rules.transport_mark)
+            if self.listener is None:
+                # Without the event thread, read the final counters first (a dump walks the whole table).
+                h.cut_flows = self.ct.dump(lane.rules.mark)
+                h.cut_transport = self.ct.dump(lane.rules.transport_mark)
+            else:
+                self._closing.add(lane.name)  # their DESTROY events now carry "cut" and the final counters
+            self.ct.flush(lane.rules.mark, nm.LANE_MASK)
         except OSError as exc:
             errors.append(f"lane {lane.name}: conntrack: {exc}")
         return h
@@ -345,7 +381,9 @@ class LaneManager:
         """Called from the conntrack event thread for a DESTROY event with one of our marks."""
         name = self._marks.get(flow.mark)
         if name is not None:
-            self.state.append_flow(name, flow_to_dict(flow))
+            record = flow_to_dict(flow)
+            record["cut"] = name in self._closing
+            self.state.append_flow(name, record)
 
     def on_events_lost(self) -> None:
         for lane in list(self.lanes.values()):

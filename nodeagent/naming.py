@@ -16,10 +16,12 @@ import re
 TAG_RE = re.compile(r"^[a-z0-9]{3}$")
 IFNAMSIZ = 15
 
-DATA_MARK = 0x57000000  # ct mark class of a lane's own connections (engineer ↔ device)
-TRANSPORT_MARK = 0x58000000  # ct mark class of a lane's outer UDP flow (engineer's client ↔ node)
+DATA_MARK = 0x56000000  # ct mark class of a lane's own connections (engineer ↔ device)
+TRANSPORT_MARK = 0x57000000  # ct mark class of a lane's outer UDP flow (engineer's client ↔ node)
 MARK_CLASS = 0xFF000000
 MARK_ID = 0x00FFFFFF
+# The two classes differ in one bit, so one masked flush ends all of a lane's connections.
+LANE_MASK = 0xFEFFFFFF
 
 DEFAULT_LINK_NET = ipaddress.IPv4Network("169.254.0.0/16")
 

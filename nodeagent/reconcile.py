@@ -71,7 +71,14 @@ def plan(wants: dict[str, Want], haves: list[Have], closed: set[str], now: float
 
 
 def structural_diff(a: LaneSpec, b: LaneSpec) -> list[str]:
-    return [f for f in _STRUCTURAL if getattr(a, f) != getattr(b, f)]
+    """Fields whose change needs a new lane. Flows and source networks are sets: order means nothing."""
+    return [f for f in _STRUCTURAL if _canonical(getattr(a, f)) != _canonical(getattr(b, f))]
+
+
+def _canonical(value):
+    if isinstance(value, list):
+        return sorted(repr(v) for v in value)
+    return value
 
 
 def _end_reason(sid: str, h: Have, want: Want | None, closed: set[str], now: float) -> EndReason:

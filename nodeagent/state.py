@@ -7,7 +7,8 @@ Layout under the state directory:
   closed/<session>.json   sessions closed on this node before their end (so a re-sent state cannot reopen them)
   flows/<lane>.jsonl      connections that ended while the lane lived (conntrack DESTROY events)
   evidence/<id>.json      lane evidence waiting to be collected
-Every file is written to a temporary name, fsynced and renamed: a crash leaves the old or the new file.
+Every file is written to a temporary name and renamed: a crash leaves the old or the new file. Evidence
+and ended sessions are also fsynced.
 """
 
 from __future__ import annotations
@@ -17,8 +18,6 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
-from pydantic import BaseModel
 
 from .wire import DesiredNodeState, LaneEvidence, LaneSpec
 
@@ -39,6 +38,8 @@ class LaneRecord:
     handshakes_observed: int = 0
     last_handshake_seen: float | None = None
     flow_overrun: bool = False
+    opened: bool = False  # its rules were committed (before that the record is an intent)
+    evidence: str | None = None  # id of its evidence record, once written
     agent_gaps: list | None = None  # [[from_wall, to_wall], ...] when the agent was not running
 
     @property
@@ -98,7 +99,7 @@ class StateDir:
         return self._closed
 
     def mark_closed(self, session_id: str, until_wall: float) -> None:
-        _write(self.root / "closed" / f"{session_id}.json", json.dumps({"until": until_wall}))
+        _write(self.root / "closed" / f"{session_id}.json", json.dumps({"until": until_wall}), durable=True)
         self.closed()[session_id] = until_wall
 
     def forget_closed(self, session_id: str) -> None:
@@ -132,14 +133,21 @@ class StateDir:
 
     # ---- evidence ----
 
-    def spool(self, evidence: LaneEvidence) -> str:
+    def evidence_ident(self, evidence: LaneEvidence) -> str:
         base = f"{evidence.session_id or 'orphan'}-{int(evidence.closed_at.timestamp() * 1000)}-{evidence.lane}"
         ident, n = base, 1
-        while (self.root / "evidence" / f"{ident}.json").exists():
+        while self.has_evidence(ident):
             n += 1
             ident = f"{base}-{n}"
-        _write(self.root / "evidence" / f"{ident}.json", evidence.model_dump_json(indent=1))
         return ident
+
+    def spool(self, evidence: LaneEvidence, ident: str | None = None) -> str:
+        ident = ident or self.evidence_ident(evidence)
+        _write(self.root / "evidence" / f"{ident}.json", evidence.model_dump_json(indent=1), durable=True)
+        return ident
+
+    def has_evidence(self, ident: str) -> bool:
+        return (self.root / "evidence" / f"{ident}.json").exists()
 
     def pending_evidence(self) -> dict[str, LaneEvidence]:
         out = {}
@@ -157,12 +165,15 @@ class StateDir:
         return True
 
 
-def _write(path: Path, text: str | BaseModel) -> None:
+def _write(path: Path, text: str, durable: bool = False) -> None:
+    """Atomic replace. A rename survives the process being killed; `durable` also survives power loss
+    (evidence and ended sessions need that; lane records and the desired state are rebuilt after a boot)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
     try:
         os.fchmod(fd, 0o600)
         os.write(fd, text.encode())
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, path)

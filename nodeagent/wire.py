@@ -35,10 +35,10 @@ MAX_PORTS_PER_LANE = 64
 # Identifiers that end up in file names, log lines and nft comments: a conservative alphabet.
 SessionId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")]
 NodeId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
-AssetId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,63}$")]
+AssetId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")]
 ServiceName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$")]
-Port = Annotated[int, Field(ge=1, le=65535)]
-ListenPort = Annotated[int, Field(ge=1024, le=65535)]
+Port = Annotated[int, Field(ge=1, le=65535, strict=True)]  # strict: no "80" strings, no booleans
+ListenPort = Annotated[int, Field(ge=1024, le=65535, strict=True)]
 
 
 def _wg_key(value: str) -> str:

@@ -164,16 +164,25 @@ class FakeFirewall(Firewall):
     def delete_tolerant(self, elements):
         self.expire()
         for e in elements:
+            if isinstance(e, tuple) and e[0] == "blocked":
+                self.blocked_rows.pop(e[1], None)
+                continue
             for item in e["elem"]:
                 key = self._parse(item)[0]
                 self.sets.get(e["name"], {}).pop(key, None)
         return []
 
     def counters(self, name):
+        if not any(name in self.sets.get(s, {}) for s in ACCOUNTING_SETS):
+            return None
         return self.counters_by_lane.get(name, {s: (0, 0) for s in ACCOUNTING_SETS})
 
     def blocked(self, names, limit_per_lane=256):
-        return {n: (self.blocked_rows.pop(n, []), False) for n in names}
+        return {n: (self.blocked_rows.get(n, []), False) for n in names}, [("blocked", n) for n in names]
+
+    def delete_blocked(self, names):
+        for n in names:
+            self.blocked_rows.pop(n, None)
 
     def view(self) -> TableView:
         self.expire()

@@ -279,3 +279,53 @@ def test_random_sequences_of_states_converge(tmp_path, seed):
             node.restart()
         alive = {node.naming.lane_name(s.session_id) for s in specs if s.end_time.timestamp() > node.clock.wall()}
         assert set(node.backend.boxes) <= alive, "no lane outlives its end"
+
+
+class Crash(BaseException):
+    """Stands in for kill -9 at one exact point."""
+
+
+def test_crash_after_evidence_is_written_gives_one_record_with_true_totals(node, monkeypatch):
+    spec = lane(0, node.clock, seconds=30)
+    node.apply([spec])
+    name = node.naming.lane_name("s-0")
+    node.fw.counters_by_lane[name] = {"lane_tx": (5, 500), "lane_rx": (4, 400), "lane_refused": (0, 0)}
+    real_destroy = node.backend.destroy
+    monkeypatch.setattr(node.backend, "destroy", lambda *a, **k: (_ for _ in ()).throw(Crash()))
+    node.clock.advance(31)
+    with pytest.raises(Crash):
+        node.agent.tick()
+    monkeypatch.setattr(node.backend, "destroy", real_destroy)
+    node.restart()
+    assert node.backend.boxes == {}
+    [ev] = node.evidence()
+    assert ev.totals.bytes_out == 500, "the record written before the crash is the only one"
+
+
+def test_crash_before_evidence_is_written_loses_nothing(node, monkeypatch):
+    spec = lane(0, node.clock, seconds=30)
+    node.apply([spec])
+    name = node.naming.lane_name("s-0")
+    node.fw.counters_by_lane[name] = {"lane_tx": (5, 500), "lane_rx": (4, 400), "lane_refused": (0, 0)}
+    real_spool = node.agent.state.spool
+    monkeypatch.setattr(node.agent.state, "spool", lambda *a, **k: (_ for _ in ()).throw(Crash()))
+    node.clock.advance(31)
+    with pytest.raises(Crash):
+        node.agent.tick()
+    monkeypatch.setattr(node.agent.state, "spool", real_spool)
+    node.restart()
+    [ev] = node.evidence()
+    assert ev.totals.bytes_out == 500, "kernel counters were still there to harvest again"
+
+
+def test_crash_in_the_middle_of_an_open_is_cleaned_and_reopened(node, monkeypatch):
+    spec = lane(0, node.clock)
+    real_commit = node.fw.commit
+    monkeypatch.setattr(node.fw, "commit", lambda *a, **k: (_ for _ in ()).throw(Crash()))
+    with pytest.raises(Crash):
+        node.apply([spec])  # box built, rules not yet committed
+    assert node.naming.lane_name("s-0") in node.backend.boxes
+    monkeypatch.setattr(node.fw, "commit", real_commit)
+    node.restart()
+    assert set(node.backend.boxes) == node.names([spec]) and node.fw.lanes_with_policy() == node.names([spec])
+    assert node.evidence() == [], "a lane that never carried traffic leaves no evidence"

@@ -230,9 +230,14 @@ def test_counters_and_refused_destinations_are_read_by_key(ns):
             refused = sets.counter("lane_refused", key_ifname(name))
             assert (refused.packets, refused.bytes) == (count, count * (size + 28))
             assert sets.counter("lane_refused", key_ifname("wktstnosuchlane")) is None
-            blocked = fw.blocked({name})
+            blocked, to_delete = fw.blocked({name})
             assert blocked[name] == ([("192.0.2.1", "udp", 5000, count)], False)
-            assert fw.blocked({name})[name] == ([], False), "reading removes what it read"
+            assert fw.blocked({name})[0][name] == blocked[name], "reading alone removes nothing"
+            assert fw.delete_tolerant(to_delete) == []
+            assert fw.blocked({name})[0][name] == ([], False), "deleting what was read empties it"
+            assert fw.counters(name)["lane_refused"] == (count, count * (size + 28))
+            fw.delete_tolerant(fw.accounting_elements(name))
+            assert fw.counters(name) is None, "no accounting elements: None, not zeros"
             sets.close()
     finally:
         os.close(fd)

@@ -120,13 +120,21 @@ class KernelBackend:
                         "rx_bytes": peer.get_attr("WGPEER_A_RX_BYTES") or 0,
                         "tx_bytes": peer.get_attr("WGPEER_A_TX_BYTES") or 0,
                         "last_handshake": float(sec) if sec else None,
-                        "endpoint": f"{endpoint['addr']}:{endpoint['port']}" if isinstance(endpoint, dict) else None,
+                        "endpoint": _endpoint(endpoint),
                         "allowed_ips": [
                             a.get("addr") if isinstance(a, dict) else str(a) for a in (peer.get_attr("WGPEER_A_ALLOWEDIPS") or [])
                         ],
                     }
                 )
         return out
+
+
+def _endpoint(endpoint) -> str | None:
+    """host:port as the UAPI writes it: IPv6 hosts in brackets."""
+    if not isinstance(endpoint, dict):
+        return None
+    addr = endpoint["addr"]
+    return f"[{addr}]:{endpoint['port']}" if ":" in addr else f"{addr}:{endpoint['port']}"
 
 
 def _decode(value) -> str | None:

@@ -123,7 +123,8 @@ def _exchange(s: socket.socket, request: str) -> str:
 
 
 def _errno(reply: str) -> int:
+    """The reply's errno; a reply without one means the device went away mid-answer (EPROTO, as wg(8))."""
     for line in reply.splitlines():
         if line.startswith("errno="):
             return int(line[6:])
-    return 0
+    return errno.EPROTO

@@ -252,7 +252,7 @@ def router_leftovers(lab: Lab) -> dict[str, list[str]]:
 def _wicket_mark(line: str) -> bool:
     for part in line.split():
         if part.startswith("mark="):
-            return (int(part[5:]) >> 24) in (0x57, 0x58)
+            return (int(part[5:]) >> 24) in (0x56, 0x57)
     return False
 
 
