@@ -106,7 +106,9 @@ class Agent:
 
     # ---- operations (called on the loop thread) ----
 
-    def apply(self, desired: DesiredNodeState) -> ReconcileReport:
+    def apply(self, desired: DesiredNodeState, raw: str | None = None) -> ReconcileReport:
+        """Apply a desired state. `raw` is the JSON it was parsed from, persisted as received (cheaper
+        than serialising it again, and exactly what the sender sent)."""
         current = self.desired
         if current is not None:
             if desired.node_id != current.node_id:
@@ -121,7 +123,7 @@ class Agent:
             raise InvalidDesiredState(f"desired state is for node {desired.node_id}, this node is {self.cfg.node_id}")
         if len(desired.lanes) > self.cfg.max_lanes:
             raise InvalidDesiredState(f"{len(desired.lanes)} lanes exceed this node's max_lanes={self.cfg.max_lanes}")
-        self.state.save_desired(desired)
+        self.state.save_desired(desired, raw)
         if current is None or desired.settings.tunnel_networks != current.settings.tunnel_networks:
             self.lanes.fw.set_tunnel_nets([str(n) for n in desired.settings.tunnel_networks])
         self.desired = desired
@@ -198,6 +200,10 @@ class Agent:
         self._expire_tombstones()
         if now >= self._next_resync:
             self._next_resync = now + self.cfg.resync_interval
+            if self.lanes.fw.ensure():  # someone removed our table: load it again, with its settings
+                log.warning("resync: the nft table was missing; reloaded it")
+                if self.desired:
+                    self.lanes.fw.set_tunnel_nets([str(n) for n in self.desired.settings.tunnel_networks])
             notes = self.lanes.load()
             if notes:
                 log.warning("resync: %s", "; ".join(notes))

@@ -29,8 +29,9 @@ def handler(agent) -> Callable[[dict], dict]:
         op = req.get("op")
         try:
             if op == "apply":
-                desired = DesiredNodeState.model_validate(req.get("desired"))
-                return {"ok": True, "report": agent.apply(desired).model_dump(mode="json")}
+                raw = json.dumps(req.get("desired"))
+                desired = DesiredNodeState.model_validate_json(raw)
+                return {"ok": True, "report": agent.apply(desired, raw).model_dump(mode="json")}
             if op == "status":
                 return {"ok": True, "status": agent.status().model_dump(mode="json")}
             if op == "close":

@@ -13,6 +13,7 @@ import json
 import math
 import re
 import string
+import threading
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -78,6 +79,7 @@ class Firewall:
         self.naming, self.table, self.blocked_size = naming, table, blocked_size
         self.text, self.version = render_template(table, naming, blocked_size)
         self._raw: NftSets | None = None
+        self._lock = threading.RLock()
 
     # ---- the table ----
 
@@ -88,24 +90,25 @@ class Firewall:
             return None
         # One transaction: create-if-missing, delete, load. Nothing in between is ever visible.
         buffer = f"table inet {self.table}\ndelete table inet {self.table}\n{self.text}"
-        rc, _out, err = self.nft.cmd(buffer)
+        rc, _out, err = self._cmd(buffer)
         if rc != 0:
             raise FirewallError(f"loading the ruleset failed: {err.strip()}")
         return "loaded ruleset" if current is None else "replaced ruleset of another version"
 
     def remove(self) -> bool:
-        rc, _out, err = self.nft.cmd(f"delete table inet {self.table}")
+        rc, _out, err = self._cmd(f"delete table inet {self.table}")
         if rc != 0 and "No such file" not in err:
             raise FirewallError(f"deleting table {self.table}: {err.strip()}")
         return rc == 0
 
     def check(self) -> None:
         """Validate the rendered template without touching the kernel's ruleset (`nft -c`)."""
-        self.nft.set_dry_run(True)
-        try:
-            rc, _out, err = self.nft.cmd(f"table inet {self.table}\ndelete table inet {self.table}\n{self.text}")
-        finally:
-            self.nft.set_dry_run(False)
+        with self._lock:
+            self.nft.set_dry_run(True)
+            try:
+                rc, _out, err = self._cmd(f"table inet {self.table}\ndelete table inet {self.table}\n{self.text}")
+            finally:
+                self.nft.set_dry_run(False)
         if rc != 0:
             raise FirewallError(f"template does not load: {err.strip()}")
 
@@ -170,7 +173,7 @@ class Firewall:
         errors = []
         for e in elements:
             for single in _split_elem(e):
-                rc, _out, err = self.nft.json_cmd({"nftables": [{"delete": {"element": single}}]})
+                rc, _out, err = self._json_cmd({"nftables": [{"delete": {"element": single}}]})
                 if rc != 0 and "No such file" not in err:
                     errors.append(err.strip())
         return errors
@@ -181,10 +184,11 @@ class Firewall:
         """The lane's accounting counters, or None when its elements are gone (already harvested)."""
         raw = self._sets()
         out, found = {}, False
-        for s in ACCOUNTING_SETS:
-            c = raw.counter(s, key_ifname(name))
-            found |= c is not None
-            out[s] = (c.packets, c.bytes) if c else (0, 0)
+        with self._lock:
+            for s in ACCOUNTING_SETS:
+                c = raw.counter(s, key_ifname(name))
+                found |= c is not None
+                out[s] = (c.packets, c.bytes) if c else (0, 0)
         return out if found else None
 
     def blocked(self, names: set[str], limit_per_lane: int = 256):
@@ -194,7 +198,9 @@ class Firewall:
         the evidence holding them is written)."""
         found: dict[str, list] = {n: [] for n in names}
         to_delete = []
-        for c in self._sets().dump("lane_blocked"):
+        with self._lock:
+            counted = self._sets().dump("lane_blocked")
+        for c in counted:
             lane, addr, proto, port = decode_blocked_key(c.key)
             if lane not in found:
                 continue
@@ -208,7 +214,7 @@ class Firewall:
         return out, ([self._elem("lane_blocked", to_delete)] if to_delete else [])
 
     def view(self) -> TableView:
-        rc, out, err = self.nft.cmd(f"list table inet {self.table}")
+        rc, out, err = self._cmd(f"list table inet {self.table}")
         if rc != 0:
             if "No such file" in err:
                 return TableView(None, {}, {}, {}, {}, set())
@@ -226,11 +232,21 @@ class Firewall:
 
     # ---- helpers ----
 
+    # libnftables keeps one netlink socket per context: two threads using it at once read each other's
+    # replies, and libnftnl then exit()s the whole process ("kernel ABI is broken"). Serialise.
+    def _cmd(self, text: str):
+        with self._lock:
+            return self.nft.cmd(text)
+
+    def _json_cmd(self, obj: dict):
+        with self._lock:
+            return self.nft.json_cmd(obj)
+
     def _elem(self, set_name: str, elems: list) -> dict:
         return {"family": "inet", "table": self.table, "name": set_name, "elem": elems}
 
     def _run(self, objs: list[dict]) -> None:
-        rc, _out, err = self.nft.json_cmd({"nftables": objs})
+        rc, _out, err = self._json_cmd({"nftables": objs})
         if rc != 0:
             raise FirewallError(err.strip() or f"nft transaction failed (rc={rc})", missing="No such file" in err)
 
@@ -238,11 +254,12 @@ class Firewall:
         """The table's comment (it carries the template version), None if there is no table.
 
         nft 1.0.6 leaves comments out of its JSON output, so this reads the text form (start-up only)."""
-        self.nft.set_json_output(False)
-        try:
-            rc, out, _err = self.nft.cmd(f"list table inet {self.table}")
-        finally:
-            self.nft.set_json_output(True)
+        with self._lock:
+            self.nft.set_json_output(False)
+            try:
+                rc, out, _err = self._cmd(f"list table inet {self.table}")
+            finally:
+                self.nft.set_json_output(True)
         if rc != 0:
             return None
         m = re.search(r'^\s*comment "([^"]*)"', out, re.MULTILINE)

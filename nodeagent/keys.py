@@ -9,8 +9,15 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 
 
 def generate_private() -> str:
-    raw = X25519PrivateKey.generate().private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
-    return base64.b64encode(raw).decode()
+    return generate_pair()[0]
+
+
+def generate_pair() -> tuple[str, str]:
+    """(private, public), base64. One call: deriving the public key from a private one costs a parse."""
+    key = X25519PrivateKey.generate()
+    private = key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+    public = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    return base64.b64encode(private).decode(), base64.b64encode(public).decode()
 
 
 def public_of(private_b64: str) -> str:

@@ -22,7 +22,7 @@ from .clock import Clock
 from .errors import AgentError, FirewallError
 from .evidence import Harvest, build_evidence, flow_to_dict
 from .firewall import Firewall, LaneRules
-from .reconcile import Have, Plan, Want, plan
+from .reconcile import Have, Plan, Want, plan, structural_diff
 from .state import LaneRecord, StateDir
 from .wg.base import Backend, Box, BoxRequest
 from .wire import EndReason, LaneSpec, ReconcileReport
@@ -38,6 +38,7 @@ class Lane:
     box: Box | None
     healthy: bool = True
     session_hint: str | None = None  # from the kernel (nft comment) when there is no record
+    box_ok: bool = True  # its WireGuard side is up (if only its rules are missing, they are re-added)
 
 
 class LaneManager:
@@ -82,10 +83,11 @@ class LaneManager:
                 rec.agent_gaps = (rec.agent_gaps or []) + [list(agent_gap)]
                 self.state.save_lane(rec)
             rules = self._rules_for(rec, box) if rec else None
-            healthy = bool(rec and box and box.device and box.router_link and name in view.marks)
+            box_ok = bool(box and (box.device or box.router_link))  # a UAPI hiccup alone is not damage
+            healthy = bool(rec and box_ok and name in view.marks)
             if rec and rules and rules.mark != view.marks.get(name, rules.mark):
                 healthy = False
-            lanes[name] = Lane(name, rec, rules, box, healthy, session_hint=view.sessions.get(name))
+            lanes[name] = Lane(name, rec, rules, box, healthy, session_hint=view.sessions.get(name), box_ok=box_ok)
             if rec is None:
                 notes.append(f"found orphan lane {name} (session {view.sessions.get(name, 'unknown')})")
             elif not healthy:
@@ -145,6 +147,15 @@ class LaneManager:
 
     def _execute(self, p: Plan, changes: list[str], errors: list[str]) -> None:
         now = self.clock.mono()
+        # 0. a lane whose box is fine but whose rules went missing (the table was flushed) gets its
+        #    rules back: same key, same box, the engineer's config keeps working
+        repairs = []
+        for item in list(p.replace):
+            have, want, _why = item
+            lane = self.lanes[have.name]
+            if lane.rec is not None and lane.rec.opened and lane.box_ok and lane.rules is not None and not structural_diff(lane.rec.lane, want.spec):
+                p.replace.remove(item)
+                repairs.append((lane, want))
         # 1. replaced lanes go first: the new lane reuses their name
         for have, want, why in p.replace:
             self._close([(self.lanes[have.name], EndReason.replaced)], changes, errors, wait=True)
@@ -171,6 +182,11 @@ class LaneManager:
             lane = self.lanes[have.name]
             delete += self.fw.policy_keys(lane.rules)
             add += self.fw.policy_elements(lane.rules, want.deadline - now)
+        if repairs:
+            # some of a damaged lane's elements may remain: clear them first, outside the transaction
+            self.fw.delete_tolerant([k for lane, _w in repairs for k in self.fw.policy_keys(lane.rules)])
+            for lane, want in repairs:
+                add += self.fw.policy_elements(lane.rules, want.deadline - now) + self.fw.accounting_elements(lane.name)
         closing = [(self.lanes[h.name], reason) for h, reason in p.close]
         fresh, stale = [], []
         for lane, _reason in closing:
@@ -203,6 +219,9 @@ class LaneManager:
             lane.rec.deadline, lane.rec.end_time = want.deadline, want.spec.end_time.timestamp()
             self.state.save_lane(lane.rec)
             changes.append(f"extended lane {want.spec.session_id} to {want.spec.end_time.isoformat()}")
+        for lane, want in repairs:
+            lane.healthy = True
+            changes.append(f"restored the rules of lane {want.spec.session_id} ({lane.name})")
         for have, want in p.relabel:
             lane = self.lanes[have.name]
             lane.rec.spec = want.spec.model_dump(mode="json")
@@ -225,7 +244,7 @@ class LaneManager:
             if slot is None:
                 raise AgentError("no free lane link address")
             self._slot_cursor = slot
-        private = keys.generate_private()
+        private, public = keys.generate_pair()
         rec = LaneRecord(
             session_id=spec.session_id,
             name=name,
@@ -236,20 +255,20 @@ class LaneManager:
             end_time=spec.end_time.timestamp(),
             mark_id=lane_id,
             slot=slot,
-            node_public_key=keys.public_of(private),
+            node_public_key=public,
             backend=self.backend.kind,
         )
         # The record goes first: a crash from here on leaves a lane the next start recognises and cleans.
         self.state.save_lane(rec)
         try:
-            box = self._create_box(name, private, spec, slot)
+            box = self._create_box(name, private, public, spec, slot)
         except BaseException:
             self.state.drop_lane(spec.session_id)
             raise
         rules = _rules(name, spec, lane_id, box)
         return want, rec, rules, box
 
-    def _create_box(self, name: str, private: str, spec: LaneSpec, slot: int | None) -> Box:
+    def _create_box(self, name: str, private: str, public: str, spec: LaneSpec, slot: int | None) -> Box:
         return self.backend.create(
             BoxRequest(
                 name=name,
@@ -259,6 +278,7 @@ class LaneManager:
                 engineer_address=str(spec.engineer_address),
                 slot=slot or 0,
                 engineer_sources=tuple(str(n) for n in spec.engineer_sources),
+                node_public_key=public,
             )
         )
 

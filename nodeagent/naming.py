@@ -34,11 +34,18 @@ class Naming:
             raise ValueError("the lane link network must be /24 or larger")
         self.tag = tag
         self.prefix = "wk" + tag
+        self._names: dict[str, str] = {}
         self.link_net = link_net
 
     def lane_name(self, session_id: str) -> str:
-        digest = hashlib.blake2b(session_id.encode(), digest_size=8).digest()
-        return self.prefix + base64.b32encode(digest).decode().lower()[: IFNAMSIZ - len(self.prefix)]
+        name = self._names.get(session_id)
+        if name is None:
+            digest = hashlib.blake2b(session_id.encode(), digest_size=8).digest()
+            name = self.prefix + base64.b32encode(digest).decode().lower()[: IFNAMSIZ - len(self.prefix)]
+            if len(self._names) > 65536:
+                self._names.clear()
+            self._names[session_id] = name
+        return name
 
     def is_ours(self, name: str) -> bool:
         return name.startswith(self.prefix) and len(name) == IFNAMSIZ

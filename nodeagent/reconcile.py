@@ -57,6 +57,8 @@ def plan(wants: dict[str, Want], haves: list[Have], closed: set[str], now: float
             p.close.append((h, _end_reason(sid, h, want, closed, now)))
         elif not h.healthy or h.spec is None:
             p.replace.append((h, want, "lane was damaged"))
+        elif h.spec == want.spec:
+            continue
         elif (diff := structural_diff(h.spec, want.spec)):
             p.replace.append((h, want, f"{', '.join(diff)} changed"))
         elif h.spec.end_time != want.spec.end_time:

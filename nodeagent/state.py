@@ -44,7 +44,12 @@ class LaneRecord:
 
     @property
     def lane(self) -> LaneSpec:
-        return LaneSpec.model_validate(self.spec)
+        # Parsed once: reconcile looks at every lane's spec on every pass.
+        cached = self.__dict__.get("_lane")
+        if cached is None or cached[0] is not self.spec:
+            cached = (self.spec, LaneSpec.model_validate(self.spec))
+            self.__dict__["_lane"] = cached
+        return cached[1]
 
 
 class StateDir:
@@ -64,8 +69,8 @@ class StateDir:
             return None
         return DesiredNodeState.model_validate_json(p.read_text())
 
-    def save_desired(self, desired: DesiredNodeState) -> None:
-        _write(self.root / "desired.json", desired.model_dump_json(indent=1))
+    def save_desired(self, desired: DesiredNodeState, raw: str | None = None) -> None:
+        _write(self.root / "desired.json", raw if raw is not None else desired.model_dump_json())
 
     # ---- lanes ----
 
@@ -80,7 +85,7 @@ class StateDir:
         return out
 
     def save_lane(self, rec: LaneRecord) -> None:
-        _write(self.root / "lanes" / f"{rec.session_id}.json", json.dumps(asdict(rec)))
+        _write(self.root / "lanes" / f"{rec.session_id}.json", json.dumps(asdict(rec)))  # asdict skips the cache
 
     def drop_lane(self, session_id: str) -> None:
         _unlink(self.root / "lanes" / f"{session_id}.json")

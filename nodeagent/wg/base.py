@@ -16,6 +16,7 @@ class BoxRequest:
     engineer_address: str
     slot: int
     engineer_sources: tuple[str, ...] = ()
+    node_public_key: str | None = None  # of private_key, when the caller already has it
 
 
 @dataclass

@@ -53,7 +53,7 @@ class KernelBackend:
         return Box(
             name=req.name,
             listen_port=req.listen_port,
-            node_public_key=public_of(req.private_key),
+            node_public_key=req.node_public_key or public_of(req.private_key),
             peer_public_key=req.peer_public_key,
             engineer_address=req.engineer_address,
             router_link=True,
