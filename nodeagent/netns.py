@@ -51,6 +51,9 @@ def read_sysctl(key: str) -> str:
         return f.read().strip()
 
 
-def iface_sysctl(family: str, iface: str, key: str) -> str:
-    """The sysctl name for a per-interface setting; interface names never contain dots (validated)."""
-    return f"net.{family}.conf.{iface}.{key}"
+def disable_ipv6(iface: str) -> None:
+    """No IPv6 on a lane's interfaces (or `all`/`default`): nothing can leak past IPv4-only rules."""
+    try:
+        write_sysctl(f"net.ipv6.conf.{iface}.disable_ipv6", 1)
+    except FileNotFoundError:
+        pass  # IPv6 is not compiled in: nothing to leak

@@ -329,3 +329,18 @@ def test_crash_in_the_middle_of_an_open_is_cleaned_and_reopened(node, monkeypatc
     node.restart()
     assert set(node.backend.boxes) == node.names([spec]) and node.fw.lanes_with_policy() == node.names([spec])
     assert node.evidence() == [], "a lane that never carried traffic leaves no evidence"
+
+
+def test_lost_rules_are_restored_without_replacing_the_lane(node):
+    """Someone flushes the agent's table: the lanes come back with the same boxes and keys."""
+    spec = lane(0, node.clock)
+    node.apply([spec])
+    name = node.naming.lane_name("s-0")
+    key_before = node.backend.boxes[name].node_public_key
+    node.fw.sets.clear()  # `nft flush ruleset`, as far as our elements go
+    node.agent.lanes.load()
+    report = node.agent.reconcile()
+    assert any("restored the rules" in c for c in report.changes), report
+    assert node.backend.boxes[name].node_public_key == key_before, "same box, same key: the engineer's config still works"
+    assert node.fw.lanes_with_policy() == {name}
+    assert node.evidence() == []

@@ -34,6 +34,22 @@ class Box:
     router_link: bool = False  # the router-side interface exists
     device: bool = False  # a WireGuard device answers for it
 
+    @classmethod
+    def built(cls, req: BoxRequest, **extra) -> Box:
+        """The box a backend has just built for `req`."""
+        from ..keys import public_of
+
+        return cls(
+            name=req.name,
+            listen_port=req.listen_port,
+            node_public_key=req.node_public_key or public_of(req.private_key),
+            peer_public_key=req.peer_public_key,
+            engineer_address=req.engineer_address,
+            router_link=True,
+            device=True,
+            **extra,
+        )
+
 
 @dataclass
 class PeerStats:

@@ -50,15 +50,7 @@ class KernelBackend:
             self.destroy(req.name)
             raise
         log.info("[#] lane %s: kernel wireguard, udp/%d", req.name, req.listen_port)
-        return Box(
-            name=req.name,
-            listen_port=req.listen_port,
-            node_public_key=req.node_public_key or public_of(req.private_key),
-            peer_public_key=req.peer_public_key,
-            engineer_address=req.engineer_address,
-            router_link=True,
-            device=True,
-        )
+        return Box.built(req)
 
     def destroy(self, name: str, wait: bool = False) -> None:
         try:
@@ -144,10 +136,7 @@ def _decode(value) -> str | None:
 
 
 def _disable_ipv6(name: str) -> None:
-    try:
-        netns.write_sysctl(f"net.ipv6.conf.{name}.disable_ipv6", 1)
-    except FileNotFoundError:
-        pass
+    netns.disable_ipv6(name)
 
 
 __all__ = ["KernelBackend"]

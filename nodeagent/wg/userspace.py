@@ -71,18 +71,7 @@ class UserspaceBackend:
             self.destroy(req.name, wait=True)
             raise
         log.info("[#] lane box %s: wireguard-go pid %d, udp/%d → %s", req.name, proc.pid, req.listen_port, box_addr)
-        return Box(
-            name=req.name,
-            listen_port=req.listen_port,
-            node_public_key=req.node_public_key or public_of(req.private_key),
-            peer_public_key=req.peer_public_key,
-            engineer_address=req.engineer_address,
-            slot=req.slot,
-            transport_address=box_addr,
-            pid=proc.pid,
-            router_link=True,
-            device=True,
-        )
+        return Box.built(req, slot=req.slot, transport_address=box_addr, pid=proc.pid)
 
     def _wait_unshared(self, proc: subprocess.Popen) -> int:
         home = os.stat("/proc/thread-self/ns/net").st_ino
@@ -322,10 +311,7 @@ class UserspaceBackend:
 
 
 def _disable_ipv6(key: str) -> None:
-    try:
-        netns.write_sysctl(f"net.ipv6.conf.{key}.disable_ipv6", 1)
-    except FileNotFoundError:
-        pass  # IPv6 is not compiled in: nothing to leak
+    netns.disable_ipv6(key)
 
 
 def _is_wireguard_go(pid: int, name: str) -> bool:
