@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -72,7 +73,10 @@ def driver(args) -> int:
         state = tempfile.mkdtemp(prefix=f"wicket-bench-{lab.run_id}-")
         params = {"tag": lab.agent_tag, "state": state, "sizes": sizes, "samples": args.samples, "expiring": args.expiring}
         print(f"[bench] lab {lab.run_id}: open/close and teardown lag (this takes a minute)", flush=True)
-        res = lab.exec("rtr", [sys.executable, "-m", "bench.lanes", "--worker", json.dumps(params)], timeout=900, cwd=str(REPO), check=False)
+        try:
+            res = lab.exec("rtr", [sys.executable, "-m", "bench.lanes", "--worker", json.dumps(params)], timeout=900, cwd=str(REPO), check=False)
+        finally:
+            shutil.rmtree(state, ignore_errors=True)
         if res.returncode:
             sys.stderr.write(res.stderr[-5000:])
             raise SystemExit(f"[bench] the worker failed (exit {res.returncode})")
@@ -140,8 +144,9 @@ def throughput(lab, state: str, seconds: int, rounds: int) -> dict:
             "ratio": round(statistics.median(with_rules) / statistics.median(without), 3),
         }
     finally:
-        eng.down()
+        eng.forget()
         agent.stop()
+        agent.remove_state()
         server.kill()
 
 

@@ -32,12 +32,13 @@ def site(lab):
     servers = [serve(lab, "rtu1", tcp=(2404, 502), udp=(20000,), sink=(9000,)), serve(lab, "rtu2", tcp=(2404,))]
     yield lab, agent, engineers
     for e in engineers.values():
-        e.down()
+        e.forget()
     agent.stop()
     for s in servers:
         s.kill()
     if agent.proc and agent.proc.returncode not in (0, None, -15):
         print(agent.log())
+    agent.remove_state()
 
 
 def open_lane(agent, engineer, lab, sid="s-1", seconds=60.0, **kw):

@@ -137,10 +137,10 @@ def main(argv=None) -> int:
                       f"{f['bytes_out']} B out, {f['bytes_in']} B in ({f['observed']})")
             for b in ev["blocked"]:
                 n.say(f"refused: {b['destination']} {b['proto']}/{b['port']} × {b['packets']}")
-            n.say(f"full record: {agent.state_dir}/evidence/ (JSON); `wicket-agent evidence --json` prints it")
+            n.say(f"the full record (JSON) stays in {agent.state_dir}/evidence/ after the demo")
             n.show(json.dumps({k: ev[k] for k in ("session_id", "lane", "opened_at", "closed_at", "end_reason", "totals")}, indent=1))
         finally:
-            eng.down()
+            eng.forget()
             agent.stop()
             for s in servers:
                 s.kill()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -124,6 +125,9 @@ class AgentProcess:
     def resume(self) -> None:
         self.proc.send_signal(signal.SIGCONT)
 
+    def remove_state(self) -> None:
+        shutil.rmtree(self.state_dir, ignore_errors=True)
+
     def stop(self, reset: bool = True) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
@@ -176,6 +180,11 @@ class Engineer:
         if self.up_ and self.conf:
             self.lab.exec(self.role, ["wg-quick", "down", self.conf], check=False)
         self.up_ = False
+
+    def forget(self) -> None:
+        """Down, and the key and config files gone."""
+        self.down()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
     def route_everything_into_tunnel(self, peer_public_key: str, destinations: list[str]) -> None:
         """What a curious contractor does: send other destinations into the lane too."""
