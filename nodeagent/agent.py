@@ -252,7 +252,7 @@ class Agent:
             if spec.session_id in closed:
                 continue
             rec = records.get(spec.session_id)
-            if rec is not None and rec.end_time == spec.end_time.timestamp() and rec.boot_id == boot:
+            if rec is not None and rec.lane.end_time == spec.end_time and rec.boot_id == boot:
                 deadline = rec.deadline  # first seen earlier: keep it, whatever the wall clock did since
             else:
                 deadline = self.clock.deadline_for(spec.end_time)

@@ -62,6 +62,7 @@ class LaneManager:
         self._marks: dict[int, str] = {}  # ct mark → lane name, for the conntrack event thread
         self._lock = threading.Lock()
         self._slot_cursor = 0
+        self._have_cache: dict[str, Have] = {}
         self._closing: set[str] = set()
 
     # ---- model ----
@@ -94,6 +95,7 @@ class LaneManager:
                 notes.append(f"lane {rec.session_id} ({name}) is incomplete in the kernel")
         with self._lock:
             self.lanes = lanes
+            self._have_cache = {}
             self._marks = {}
             for lane in lanes.values():
                 mark = lane.rules.mark if lane.rules else view.marks.get(lane.name)
@@ -106,19 +108,27 @@ class LaneManager:
         """`wanted_names` maps lane names of wanted sessions to their ids: a box without a record whose
         name is one of them is that session's damaged lane (say, a crash mid-open), not a stranger."""
         out = []
+        cache = self._have_cache
         for lane in self.lanes.values():
-            rec = lane.rec
-            sid = rec.session_id if rec else (wanted_names or {}).get(lane.name)
-            out.append(
-                Have(
+            have = cache.get(lane.name)
+            if have is None:
+                rec = lane.rec
+                sid = rec.session_id if rec else (wanted_names or {}).get(lane.name)
+                have = Have(
                     name=lane.name,
                     session_id=sid,
                     spec=rec.lane if rec else None,
                     deadline=rec.deadline if rec else None,
                     healthy=lane.healthy and (rec is None or rec.opened),
                 )
-            )
+                if rec is not None:  # a record-less lane's session depends on what is wanted
+                    cache[lane.name] = have
+            out.append(have)
         return out
+
+    def _touch(self, name: str) -> None:
+        """A lane changed: its cached view for planning is stale."""
+        self._have_cache.pop(name, None)
 
     def next_deadline(self) -> float | None:
         deadlines = [lane.rec.deadline for lane in self.lanes.values() if lane.rec]
@@ -208,6 +218,7 @@ class LaneManager:
         for want, rec, rules, box in committed:
             rec.opened = True
             self.state.save_lane(rec)
+            self._touch(rules.name)
             with self._lock:
                 self.lanes[rules.name] = Lane(rules.name, rec, rules, box, True)
                 self._marks[rules.mark] = rules.name
@@ -215,15 +226,18 @@ class LaneManager:
             changes.append(_describe_open(want.spec, rules, box))
         for have, want in p.extend:
             lane = self.lanes[have.name]
+            self._touch(lane.name)
             lane.rec.spec = want.spec.model_dump(mode="json")
             lane.rec.deadline, lane.rec.end_time = want.deadline, want.spec.end_time.timestamp()
             self.state.save_lane(lane.rec)
             changes.append(f"extended lane {want.spec.session_id} to {want.spec.end_time.isoformat()}")
         for lane, want in repairs:
+            self._touch(lane.name)
             lane.healthy = True
             changes.append(f"restored the rules of lane {want.spec.session_id} ({lane.name})")
         for have, want in p.relabel:
             lane = self.lanes[have.name]
+            self._touch(lane.name)
             lane.rec.spec = want.spec.model_dump(mode="json")
             self.state.save_lane(lane.rec)
         # 4. tear down what closes
@@ -356,6 +370,7 @@ class LaneManager:
                 self.state.spool(evidence, ident)
             self.fw.delete_tolerant(self.fw.accounting_elements(lane.name))
             self.backend.destroy(lane.name, wait=wait)
+            self._touch(lane.name)
             with self._lock:
                 self._closing.discard(lane.name)
                 self.lanes.pop(lane.name, None)
