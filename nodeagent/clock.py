@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import time
-from datetime import UTC, datetime
+from datetime import datetime
 
 STA_UNSYNC = 0x0040
 TIME_ERROR = 5
@@ -21,9 +21,6 @@ class Clock:
     def wall(self) -> float:
         return time.time()
 
-    def now(self) -> datetime:
-        return datetime.fromtimestamp(self.wall(), UTC)
-
     def boot_id(self) -> str:
         with open("/proc/sys/kernel/random/boot_id") as f:
             return f.read().strip()
@@ -31,9 +28,6 @@ class Clock:
     def deadline_for(self, end: datetime) -> float:
         """The monotonic instant of a wall-clock end time, as seen from now."""
         return self.mono() + (end.timestamp() - self.wall())
-
-    def wall_of(self, mono: float) -> datetime:
-        return datetime.fromtimestamp(self.wall() + (mono - self.mono()), UTC)
 
 
 class _Timex(ctypes.Structure):

@@ -7,7 +7,6 @@ twenty times the kernel's (~0.05 ms), and opening a lane takes a dozen calls.
 
 from __future__ import annotations
 
-import errno
 import os
 import socket
 import struct
@@ -63,20 +62,8 @@ def attr_str(kind: int, value: str) -> bytes:
     return attr(kind, value.encode() + b"\0")
 
 
-def attr_u8(kind: int, value: int) -> bytes:
-    return attr(kind, struct.pack("=B", value))
-
-
-def attr_u16(kind: int, value: int) -> bytes:
-    return attr(kind, struct.pack("=H", value))
-
-
 def attr_u32(kind: int, value: int) -> bytes:
     return attr(kind, struct.pack("=I", value))
-
-
-def attr_be16(kind: int, value: int) -> bytes:
-    return attr(kind, struct.pack(">H", value))
 
 
 def attr_be32(kind: int, value: int) -> bytes:
@@ -195,11 +182,3 @@ def _split(data: bytes) -> Iterator[tuple[int, int, int, bytes]]:
             break
         yield msg_type, flags, seq, data[off + _HDR.size : off + length]
         off += align4(length)
-
-
-def is_missing(exc: OSError) -> bool:
-    return exc.errno in (errno.ENOENT, errno.ENODEV, errno.ESRCH, errno.EADDRNOTAVAIL)
-
-
-def is_exists(exc: OSError) -> bool:
-    return exc.errno == errno.EEXIST
