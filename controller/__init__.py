@@ -1,6 +1,7 @@
-"""wicket controller (FastAPI service).
+"""wicket controller (FastAPI service): identities and MFA, roles, the account-event log.
 
-Not built yet: identities and MFA, inventory, policy, sessions and the agent link arrive with
-later issues. It already may import `nodeagent.wire` (the controller↔agent messages); the
-reverse import is forbidden and checked by import-linter (`make lint`).
+It may import `nodeagent.wire` (the controller↔agent messages); the reverse import is forbidden and
+checked by import-linter (`make lint`).
 """
+
+__version__ = "0.1.0"

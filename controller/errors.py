@@ -1,0 +1,86 @@
+"""Domain errors, and the one place that maps them to HTTP (`install`). Bodies are plain and never
+repeat secrets: {"error": <code>, "detail": <sentence>}."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+
+class DomainError(Exception):
+    status = 400
+    code = "bad_request"
+
+    def __init__(self, detail: str, *, headers: dict[str, str] | None = None):
+        super().__init__(detail)
+        self.detail = detail
+        self.headers = headers or {}
+
+
+class Invalid(DomainError):
+    status, code = 422, "invalid"
+
+
+class NotAuthenticated(DomainError):
+    """No valid login: missing, wrong, expired or revoked credentials."""
+
+    status, code = 401, "not_authenticated"
+
+    def __init__(self, detail: str, *, reason: str = "invalid_credentials"):
+        super().__init__(detail, headers={"WWW-Authenticate": 'Bearer realm="wicket"'})
+        self.code = reason
+
+
+class StepUpRequired(DomainError):
+    """A valid login, but this action needs a fresh TOTP code (X-Wicket-TOTP)."""
+
+    status, code = 401, "step_up_required"
+
+
+class Forbidden(DomainError):
+    status, code = 403, "forbidden"
+
+
+class AccountUnusable(DomainError):
+    """Right credentials, but the account may not log in now (disabled, expired, not yet valid)."""
+
+    status = 403
+
+    def __init__(self, detail: str, *, reason: str):
+        super().__init__(detail)
+        self.code = reason
+
+
+class NotFound(DomainError):
+    status, code = 404, "not_found"
+
+
+class Conflict(DomainError):
+    status, code = 409, "conflict"
+
+
+class Throttled(DomainError):
+    status, code = 429, "throttled"
+
+    def __init__(self, retry_after: int):
+        super().__init__(f"too many failed attempts: try again in {retry_after} s", headers={"Retry-After": str(retry_after)})
+        self.retry_after = retry_after
+
+
+def body(code: str, detail: str) -> dict:
+    return {"error": code, "detail": detail}
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(DomainError)
+    async def _domain(_request: Request, exc: DomainError):
+        return JSONResponse(body(exc.code, exc.detail), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_request: Request, exc: RequestValidationError):
+        parts = []
+        for err in exc.errors()[:10]:
+            where = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "(request)"
+            parts.append(f"{where}: {err.get('msg')}")
+        return JSONResponse(body("invalid", "; ".join(parts)), status_code=422)

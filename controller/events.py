@@ -1,0 +1,45 @@
+"""Authentication and account-change events, written in the same transaction as what they record.
+
+Field names are the ones the SIEM export will use (`docs/controller.md`). Bodies never hold passwords,
+codes or tokens: `record` refuses keys that look like them.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy.orm import Session
+
+from .models import Event, now
+
+log = logging.getLogger("wicket.controller.events")
+FORBIDDEN_KEYS = ("password", "token", "code", "secret", "otp")
+
+
+def record(
+    session: Session,
+    *,
+    category: str,
+    type: str,
+    result: str,
+    actor_id: int | None = None,
+    actor: str | None = None,
+    subject: str | None = None,
+    source: str | None = None,
+    reason: str | None = None,
+    **body,
+) -> Event:
+    for key in body:
+        k = key.lower()
+        if any(k == word or k.endswith("_" + word) for word in FORBIDDEN_KEYS):
+            raise ValueError(f"event body key {key!r} looks like a secret")
+    event = Event(
+        at=now(), category=category, type=type, result=result, actor_id=actor_id, actor=actor,
+        subject=subject, source=source, reason=reason, body=body,
+    )
+    session.add(event)
+    log.info(
+        "event category=%s type=%s result=%s actor=%s subject=%s source=%s reason=%s",
+        category, type, result, actor, subject, source, reason,
+    )
+    return event

@@ -1,0 +1,175 @@
+"""Stored rows (SQLAlchemy 2). Never sent over the wire as they are: `controller.schemas` has the
+input and output shapes. Times are UTC, stored without time zone (SQLite has none) and read as UTC.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+class UtcDateTime(TypeDecorator):
+    """Aware UTC datetimes in, aware UTC datetimes out, on every database."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value, dialect):
+        return value.replace(tzinfo=UTC) if value is not None else None
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Role(StrEnum):
+    engineer = "engineer"
+    contractor = "contractor"
+    approver = "approver"
+    site_admin = "site_admin"
+    soc = "soc"
+    admin = "admin"
+
+
+class AccountKind(StrEnum):
+    internal = "internal"
+    contractor = "contractor"
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    display_name: Mapped[str] = mapped_column(String(128))
+    email: Mapped[str | None] = mapped_column(String(254))
+    kind: Mapped[str] = mapped_column(String(16), default=AccountKind.internal.value)
+    sponsor_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
+    valid_from: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    valid_until: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    deleted_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    password_hash: Mapped[str | None] = mapped_column(String(256))
+    totp_secret: Mapped[str | None] = mapped_column(String(256))  # encrypted with the controller's key
+    totp_confirmed: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+    grants: Mapped[list[RoleGrant]] = relationship(
+        back_populates="user", cascade="all, delete-orphan", lazy="selectin", foreign_keys="RoleGrant.user_id"
+    )
+    sponsor: Mapped[User | None] = relationship(remote_side="User.id", lazy="joined", join_depth=1)
+
+
+class RoleGrant(Base):
+    """A role, for all sites (site None) or for one site."""
+
+    __tablename__ = "role_grants"
+    __table_args__ = (UniqueConstraint("user_id", "role", "site", name="uq_role_grant"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    role: Mapped[str] = mapped_column(String(16))
+    site: Mapped[str | None] = mapped_column(String(64))
+    granted_by: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
+    granted_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+    user: Mapped[User] = relationship(back_populates="grants", foreign_keys=[user_id])
+
+
+class RecoveryCode(Base):
+    __tablename__ = "recovery_codes"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    code_hash: Mapped[str] = mapped_column(String(64))
+    used_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+
+class UsedTotp(Base):
+    """A TOTP time step that has been accepted for a user: the primary key makes a second use fail,
+    in the database, also when two requests race."""
+
+    __tablename__ = "used_totp"
+
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    step: Mapped[int] = mapped_column(Integer, primary_key=True)
+    used_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class ApiToken(Base):
+    """A login: the token itself is never stored, only its SHA-256."""
+
+    __tablename__ = "api_tokens"
+
+    token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(8))  # api | cookie
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    last_used_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    idle_expires_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    source: Mapped[str | None] = mapped_column(String(64))
+
+
+class Throttle(Base):
+    """Failed-login bookkeeping for one account ("user:NAME") or source ("ip:ADDR")."""
+
+    __tablename__ = "throttle"
+
+    key: Mapped[str] = mapped_column(String(128), primary_key=True)
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+    first_failure_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    last_failure_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    blocked_until: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+
+class Event(Base):
+    """Authentication and account-change events, in order. The audit chain (a later issue) takes these
+    over: each has a sequence number, a time, an actor, a category, a type, a result and a body."""
+
+    __tablename__ = "events"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
+    category: Mapped[str] = mapped_column(String(32))  # authentication | account
+    type: Mapped[str] = mapped_column(String(48))
+    result: Mapped[str] = mapped_column(String(16))  # success | failure
+    actor_id: Mapped[int | None] = mapped_column(Integer)
+    actor: Mapped[str | None] = mapped_column(String(64))
+    subject: Mapped[str | None] = mapped_column(String(64))
+    source: Mapped[str | None] = mapped_column(String(64))
+    reason: Mapped[str | None] = mapped_column(String(64))
+    body: Mapped[dict] = mapped_column(JSON, default=dict)
+
+
+class ControllerMeta(Base):
+    __tablename__ = "controller_meta"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
+def now() -> datetime:
+    return datetime.now(UTC)

@@ -1,0 +1,1 @@
+"""Authentication building blocks: keys, passwords, TOTP, tokens, throttling."""

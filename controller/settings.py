@@ -1,0 +1,110 @@
+"""Controller settings, from the environment (`WICKET_*`), checked at start-up.
+
+Nothing secret has a default: the controller's keys are made by `wicket-controller init` and read from
+the data directory; a missing or malformed setting stops the start with a message naming it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ARGON2_MIN = {"time_cost": 2, "memory_cost": 19 * 1024, "parallelism": 1}  # OWASP's floor for argon2id
+
+
+class SettingsError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Argon2Params:
+    time_cost: int = 2
+    memory_cost: int = 19 * 1024  # KiB
+    parallelism: int = 1
+
+
+@dataclass(frozen=True)
+class ThrottlePolicy:
+    """Failed logins, per account and per source address (see docs/controller.md)."""
+
+    window_s: int = 900  # failures older than this are forgotten
+    free_failures: int = 5  # failures allowed before any delay
+    max_delay_s: int = 300  # the longest an account or address is ever held off: approvers stay reachable
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path
+    database_url: str
+    token_idle_s: int = 900  # an API token dies after 15 min unused
+    token_max_s: int = 8 * 3600  # and after 8 h whatever happens
+    argon2: Argon2Params = field(default_factory=Argon2Params)
+    throttle: ThrottlePolicy = field(default_factory=ThrottlePolicy)
+    trust_forwarded_for: bool = False  # behind a reverse proxy that sets X-Forwarded-For
+    cookie_secure: bool = True
+    totp_issuer: str = "wicket"
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.data_dir / "keys"
+
+
+def load(env: dict[str, str] | None = None) -> Settings:
+    env = dict(os.environ if env is None else env)
+    data_dir = Path(env.get("WICKET_DATA_DIR", "/var/lib/wicket-controller"))
+    if not data_dir.is_absolute():
+        raise SettingsError(f"WICKET_DATA_DIR={data_dir}: must be an absolute path")
+    url = env.get("WICKET_DATABASE_URL") or f"sqlite:///{data_dir / 'controller.db'}"
+    if not re.match(r"^(sqlite|postgresql)(\+[a-z0-9]+)?://", url):
+        raise SettingsError("WICKET_DATABASE_URL: use sqlite:///PATH or postgresql+psycopg://USER@HOST/DB")
+    argon2 = Argon2Params(
+        time_cost=_int(env, "WICKET_ARGON2_TIME_COST", 2),
+        memory_cost=_int(env, "WICKET_ARGON2_MEMORY_KIB", 19 * 1024),
+        parallelism=_int(env, "WICKET_ARGON2_PARALLELISM", 1),
+    )
+    for name, floor in ARGON2_MIN.items():
+        if getattr(argon2, name) < floor:
+            raise SettingsError(f"argon2 {name}={getattr(argon2, name)} is below the minimum {floor}")
+    settings = Settings(
+        data_dir=data_dir,
+        database_url=url,
+        token_idle_s=_int(env, "WICKET_TOKEN_IDLE_S", 900, low=60, high=86400),
+        token_max_s=_int(env, "WICKET_TOKEN_MAX_S", 8 * 3600, low=300, high=7 * 86400),
+        argon2=argon2,
+        throttle=ThrottlePolicy(
+            window_s=_int(env, "WICKET_THROTTLE_WINDOW_S", 900, low=60, high=86400),
+            free_failures=_int(env, "WICKET_THROTTLE_FREE_FAILURES", 5, low=1, high=100),
+            max_delay_s=_int(env, "WICKET_THROTTLE_MAX_DELAY_S", 300, low=1, high=3600),
+        ),
+        trust_forwarded_for=_bool(env, "WICKET_TRUST_FORWARDED_FOR", False),
+        cookie_secure=_bool(env, "WICKET_COOKIE_SECURE", True),
+    )
+    if settings.token_idle_s > settings.token_max_s:
+        raise SettingsError("WICKET_TOKEN_IDLE_S must not exceed WICKET_TOKEN_MAX_S")
+    return settings
+
+
+def _int(env, key, default, low=1, high=1 << 30) -> int:
+    raw = env.get(key)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError as exc:
+        raise SettingsError(f"{key}={raw!r}: not a whole number") from exc
+    if not low <= value <= high:
+        raise SettingsError(f"{key}={value}: must be between {low} and {high}")
+    return value
+
+
+def _bool(env, key, default) -> bool:
+    raw = env.get(key)
+    if raw is None or raw == "":
+        return default
+    if raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.lower() in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"{key}={raw!r}: use true or false")
