@@ -8,10 +8,13 @@ PY := $(VENV)/bin/python
 # that package through --system-site-packages. Any other python3 on PATH cannot import `nftables`.
 SYSPY := /usr/bin/python3
 APT_PACKAGES := wireguard-tools wireguard-go nftables python3-nftables conntrack iproute2 util-linux \
-	python3-venv python3-pip iperf3 tcpdump nmap procps kmod
+	python3-venv python3-pip iperf3 tcpdump nmap procps kmod postgresql
 PYTEST_ARGS ?=
 
-.PHONY: setup system venv demo test test-fast lint bench sweep clean
+# The controller's tests run on SQLite and on this local PostgreSQL (loopback only).
+PG_TEST_URL := postgresql+psycopg://wicket_test:wicket_test@127.0.0.1:5432/postgres
+
+.PHONY: setup system venv pg demo test test-fast lint bench sweep clean
 
 setup: system venv
 
@@ -36,8 +39,15 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(PY) -m tests.lab.demo $(DEMO_ARGS)
 
-test: setup lint
-	$(PY) -m pytest $(PYTEST_ARGS)
+test: setup lint pg
+	WICKET_TEST_POSTGRES_URL=$(PG_TEST_URL) $(PY) -m pytest $(PYTEST_ARGS)
+
+# Start the local PostgreSQL cluster and make the test role (can create and drop its own databases).
+pg: system
+	@read ver name _ <<< "$$(pg_lsclusters -h | head -1)"; \
+	pg_lsclusters -h | head -1 | grep -q online || pg_ctlcluster $$ver $$name start
+	@su postgres -c "psql -tAc \"SELECT 1 FROM pg_roles WHERE rolname='wicket_test'\"" | grep -q 1 || \
+		su postgres -c "psql -qc \"CREATE ROLE wicket_test LOGIN CREATEDB PASSWORD 'wicket_test'\""
 
 test-fast: venv
 	$(PY) -m pytest -m "not lab and not kernel" $(PYTEST_ARGS)

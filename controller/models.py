@@ -78,7 +78,7 @@ class User(Base):
     grants: Mapped[list[RoleGrant]] = relationship(
         back_populates="user", cascade="all, delete-orphan", lazy="selectin", foreign_keys="RoleGrant.user_id"
     )
-    sponsor: Mapped[User | None] = relationship(remote_side="User.id", lazy="joined", join_depth=1)
+    sponsor: Mapped[User | None] = relationship(remote_side="User.id", lazy="select")  # no join: rows are locked FOR UPDATE
 
 
 class RoleGrant(Base):

@@ -1,0 +1,138 @@
+"""Fixtures for controller tests: every test runs on SQLite and on PostgreSQL (a fresh database each),
+against an initialised controller with a clock the test moves.
+
+  def test_x(ctl):                       # ctl: Harness
+      token = ctl.login(ctl.admin)
+      bob = ctl.add_user("bob", roles=[("engineer", "north-1")])
+      ctl.advance(30)                    # TOTP codes are single-use per 30-s step: move on for a new one
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import time
+from dataclasses import dataclass, field
+
+import psycopg
+import pyotp
+import pytest
+from fastapi.testclient import TestClient
+
+from controller.app import create_app
+from controller.bootstrap import init
+from controller.settings import load
+
+PASSWORD = "correct horse battery staple"
+
+
+@dataclass
+class Person:
+    username: str
+    password: str
+    secret: str | None
+    user_id: int | None = None
+    roles: list = field(default_factory=list)
+
+
+def _pg_base() -> str | None:
+    return os.environ.get("WICKET_TEST_POSTGRES_URL")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path):
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/controller.db"
+        return
+    base = _pg_base()
+    if not base:
+        pytest.skip("no PostgreSQL: set WICKET_TEST_POSTGRES_URL (`make test` starts one and sets it)")
+    name = "wicket_t_" + secrets.token_hex(5)
+    admin_url = base.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield base.rsplit("/", 1)[0] + "/" + name
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+class Harness:
+    def __init__(self, tmp_path, db_url: str, extra_env: dict | None = None):
+        env = {"WICKET_DATA_DIR": str(tmp_path / "data"), "WICKET_DATABASE_URL": db_url, **(extra_env or {})}
+        self.settings = load(env)
+        self.t = time.time()
+        result = init(self.settings, "root", "First Admin", PASSWORD)
+        self.admin = Person("root", PASSWORD, _secret(result.enrolment.otpauth_uri), user_id=1, roles=[("admin", None)])
+        self.app = create_app(self.settings, clock=lambda: self.t)
+        self.client = TestClient(self.app)
+        self._admin_token: str | None = None
+
+    # ---- time ----
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+    def code(self, person: Person, offset_steps: int = 0) -> str:
+        return pyotp.TOTP(person.secret).at(self.t + 30 * offset_steps)
+
+    # ---- calls ----
+
+    def login(self, person: Person, *, code: str | None = None, expect: int = 200) -> str | None:
+        res = self.client.post("/api/v1/auth/login", json={
+            "username": person.username, "password": person.password, "totp_code": code or self.code(person)})
+        assert res.status_code == expect, res.text
+        return res.json().get("token") if res.status_code == 200 else None
+
+    @staticmethod
+    def auth(token: str, totp: str | None = None) -> dict:
+        h = {"Authorization": f"Bearer {token}"}
+        if totp:
+            h["X-Wicket-TOTP"] = totp
+        return h
+
+    def admin_token(self) -> str:
+        if self._admin_token is None:
+            self._admin_token = self.login(self.admin)
+        return self._admin_token
+
+    def step_up_admin(self) -> dict:
+        """Headers for an admin action: a fresh step, so the code has not been used yet."""
+        token = self.admin_token()
+        self.advance(30)
+        return self.auth(token, self.code(self.admin))
+
+    def add_user(self, username: str, *, roles=(("engineer", None),), kind: str = "internal", sponsor: str | None = None,
+                 valid_until: str | None = None, password: str = PASSWORD, enrol: bool = True) -> Person:
+        body = {"username": username, "display_name": username.title(), "password": password, "kind": kind,
+                "roles": [{"role": r, "site": s} for r, s in roles]}
+        if sponsor:
+            body["sponsor"] = sponsor
+        if valid_until:
+            body["valid_until"] = valid_until
+        res = self.client.post("/api/v1/users", json=body, headers=self.step_up_admin())
+        assert res.status_code == 201, res.text
+        person = Person(username, password, None, user_id=res.json()["id"], roles=list(roles))
+        if enrol:
+            res = self.client.post(f"/api/v1/users/{person.user_id}/totp", headers=self.step_up_admin())
+            assert res.status_code == 200, res.text
+            person.secret = _secret(res.json()["otpauth_uri"])
+        return person
+
+    def events(self, **params) -> list[dict]:
+        res = self.client.get("/api/v1/events", params={"limit": 1000, **params}, headers=self.auth(self.admin_token()))
+        assert res.status_code == 200, res.text
+        return res.json()
+
+
+def _secret(uri: str) -> str:
+    return re.search(r"secret=([A-Z2-7]+)", uri).group(1)
+
+
+@pytest.fixture
+def ctl(tmp_path, db_url):
+    harness = Harness(tmp_path, db_url)
+    yield harness
+    harness.app.state.engine.dispose()
