@@ -156,18 +156,23 @@ class Auth:
         with transaction(self.factory) as s:
             row = s.get(ApiToken, digest)
             user = s.get(User, row.user_id) if row else None
+            unusable = None
+            if row is not None and user is not None:
+                try:
+                    _check_usable(user, now)
+                except AccountUnusable as exc:
+                    unusable = exc
+            # The account's state first: a disabled user learns that, not merely that the login ended.
             if row is None or user is None:
                 failure = ("invalid_token", "not a valid login token", None)
+            elif unusable is not None:
+                if row.revoked_at is None:
+                    row.revoked_at = now
+                failure = (unusable.code, unusable.detail, user)
             elif row.revoked_at is not None:
                 failure = ("token_revoked", "this login has ended (logged out or revoked): log in again", user)
             elif now >= row.expires_at or now >= row.idle_expires_at:
                 failure = ("token_expired", "this login has expired: log in again", user)
-            else:
-                try:
-                    _check_usable(user, now)
-                except AccountUnusable as exc:
-                    row.revoked_at = now
-                    failure = (exc.code, exc.detail, user)
             if failure is None:
                 row.last_used_at = now
                 row.idle_expires_at = min(now + timedelta(seconds=self.settings.token_idle_s), row.expires_at)

@@ -1,8 +1,9 @@
 """Failed-login throttling, per account and per source address.
 
-After `free_failures` failures within `window_s`, each further failure doubles a hold-off (1 s, 2 s, 4 s …)
-capped at `max_delay_s` (5 min by default): an attacker gets a handful of guesses an hour, and an approver
-whose name is being attacked is never held off longer than the cap. A source address gets four times the
+After `free_failures` failures, each further failure doubles a hold-off (1 s, 2 s, 4 s …) capped at
+`max_delay_s` (5 min by default); the count is forgotten after `window_s` without failures. An attacker
+who keeps trying gets about one guess per 5 minutes; an approver whose name is being attacked is never
+held off longer than the cap. A source address gets four times the
 free failures of an account (many people share an office NAT). A success clears the account's record.
 """
 
@@ -37,11 +38,9 @@ def retry_after(session: Session, keys: list[tuple[str, int]], now: datetime) ->
 
 def record_failure(session: Session, keys: list[tuple[str, int]], now: datetime, policy: ThrottlePolicy) -> None:
     for key, factor in keys:
-        row = session.get(Throttle, key, with_for_update=True)
-        if row is None:
-            row = Throttle(key=key, failures=0)
-            session.add(row)
-        if row.first_failure_at is None or row.first_failure_at < now - timedelta(seconds=policy.window_s):
+        row = _locked_row(session, key)
+        # Forgotten only after `window_s` of quiet: an attacker who keeps trying stays at the cap.
+        if row.last_failure_at is None or row.last_failure_at < now - timedelta(seconds=policy.window_s):
             row.failures, row.first_failure_at = 0, now
         row.failures += 1
         row.last_failure_at = now
@@ -49,6 +48,17 @@ def record_failure(session: Session, keys: list[tuple[str, int]], now: datetime,
         if row.failures > free:
             delay = min(2 ** (row.failures - free - 1), policy.max_delay_s)
             row.blocked_until = now + timedelta(seconds=delay)
+
+
+def _locked_row(session: Session, key: str) -> Throttle:
+    """The key's row, created if missing and locked: concurrent failures for one account must not race
+    to create it (on PostgreSQL the loser would hit the primary key)."""
+    if session.get_bind().dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    session.execute(insert(Throttle).values(key=key, failures=0).on_conflict_do_nothing(index_elements=["key"]))
+    return session.get(Throttle, key, with_for_update=True, populate_existing=True)
 
 
 def record_success(session: Session, username: str) -> None:
