@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -109,6 +109,7 @@ class Auth:
             s.add(UsedTotp(user_id=user.id, step=step, used_at=now))
             s.flush()  # raises IntegrityError when this step was already used: the replay guard
             user.totp_confirmed = True  # the first good code confirms an enrolment
+            _trim(s, user.id, step, now)
         else:
             recovery.used_at = now
         if self.passwords.needs_rehash(user.password_hash):
@@ -208,6 +209,7 @@ class Auth:
                     raise _BadCredentials("invalid_code", user)
                 s.add(UsedTotp(user_id=user.id, step=step, used_at=now))
                 s.flush()
+                _trim(s, user.id, step, now)
                 events.record(s, category="authentication", type="step_up", result="success", actor_id=user.id,
                               actor=user.username, subject=user.username, source=source, action=action)
         except (_BadCredentials, IntegrityError) as exc:
@@ -217,6 +219,13 @@ class Auth:
                 events.record(s, category="authentication", type="step_up", result="failure", actor_id=principal.user_id,
                               actor=principal.username, subject=principal.username, source=source, reason=reason, action=action)
             raise StepUpRequired("that TOTP code is wrong or already used: use the next one") from None
+
+
+def _trim(s: Session, user_id: int, step: int, now: datetime) -> None:
+    """Keep per-user rows bounded: steps older than the window can never match again, and tokens a day
+    past their end can never be used again."""
+    s.execute(delete(UsedTotp).where(UsedTotp.user_id == user_id, UsedTotp.step < step - 2 * totp.WINDOW - 1))
+    s.execute(delete(ApiToken).where(ApiToken.user_id == user_id, ApiToken.expires_at < now - timedelta(days=1)))
 
 
 def _check_usable(user: User, now: datetime) -> None:

@@ -1,9 +1,11 @@
 """`wicket`: the command line for people (engineers, administrators, the SOC). It talks to the
 controller's HTTP API v1 and keeps its state in $WICKET_CONFIG_DIR (default ~/.config/wicket):
 
+\b
   config.toml   the controller's URL and your user name, remembered at login
   token         your login token (0600): never printed, sent only to the controller that issued it
 
+\b
   wicket [--controller URL] login [--user NAME] [--recovery-code]
   wicket whoami [--json] | logout | password | recovery-codes
   wicket users list|show|add|roles|disable|enable|delete|enrol-totp|set-password …
@@ -11,7 +13,10 @@ controller's HTTP API v1 and keeps its state in $WICKET_CONFIG_DIR (default ~/.c
 
 The controller URL comes from --controller, else $WICKET_CONTROLLER, else config.toml. Changes to
 accounts, your password and your recovery codes need a fresh TOTP code (step-up): --totp CODE, or you
-are asked. Exit status: 0 done, 1 refused (the reason is printed), 2 usage or configuration,
+are asked.
+
+\b
+Exit status: 0 done, 1 refused (the reason is printed), 2 usage or configuration,
 3 the controller cannot be reached.
 """
 
@@ -69,6 +74,7 @@ app.add_typer(users_app, name="users")
 JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
 TotpOpt = Annotated[str | None, typer.Option("--totp", metavar="CODE", help="a fresh TOTP code for this change (else you are asked)")]
 RoleOpt = Annotated[list[str] | None, typer.Option("--role", metavar="ROLE[@SITE]", help=f"repeatable; ROLE is one of {', '.join(ROLES)}")]
+NameArg = Annotated[str, typer.Argument(metavar="NAME", help="the user name")]
 PasswordStdinOpt = Annotated[bool, typer.Option("--password-stdin", help="read the password from the first line of stdin")]
 
 
@@ -183,7 +189,7 @@ def users_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
 
 
 @users_app.command("show")
-def users_show(ctx: typer.Context, name: str, as_json: JsonOpt = False) -> None:
+def users_show(ctx: typer.Context, name: NameArg, as_json: JsonOpt = False) -> None:
     """One account."""
     u = _find_user(_api(ctx), name)
     if as_json:
@@ -196,9 +202,9 @@ def users_show(ctx: typer.Context, name: str, as_json: JsonOpt = False) -> None:
 
 
 @users_app.command("add")
-def users_add(ctx: typer.Context, name: str,
+def users_add(ctx: typer.Context, name: NameArg,
               display_name: Annotated[str, typer.Option("--display-name", help="the person's full name")],
-              email: Annotated[str | None, typer.Option("--email")] = None,
+              email: Annotated[str | None, typer.Option("--email", metavar="ADDRESS")] = None,
               role: RoleOpt = None,
               contractor: Annotated[bool, typer.Option("--contractor", help="an external person: needs --sponsor and --until")] = False,
               sponsor: Annotated[str | None, typer.Option("--sponsor", metavar="NAME", help="the internal user answerable for a contractor")] = None,
@@ -220,7 +226,7 @@ def users_add(ctx: typer.Context, name: str,
 
 
 @users_app.command("roles")
-def users_roles(ctx: typer.Context, name: str, role: RoleOpt = None,
+def users_roles(ctx: typer.Context, name: NameArg, role: RoleOpt = None,
                 none: Annotated[bool, typer.Option("--none", help="take every role away")] = False,
                 totp: TotpOpt = None) -> None:
     """Replace an account's roles with the ones given."""
@@ -233,7 +239,7 @@ def users_roles(ctx: typer.Context, name: str, role: RoleOpt = None,
 
 
 @users_app.command("disable")
-def users_disable(ctx: typer.Context, name: str, totp: TotpOpt = None) -> None:
+def users_disable(ctx: typer.Context, name: NameArg, totp: TotpOpt = None) -> None:
     """Disable an account: its logins end at once, and it cannot log in until enabled."""
     api, u = _target(ctx, name)
     api.call("POST", f"/api/v1/users/{u['id']}/disable", totp=_step_up(totp))
@@ -241,7 +247,7 @@ def users_disable(ctx: typer.Context, name: str, totp: TotpOpt = None) -> None:
 
 
 @users_app.command("enable")
-def users_enable(ctx: typer.Context, name: str, totp: TotpOpt = None) -> None:
+def users_enable(ctx: typer.Context, name: NameArg, totp: TotpOpt = None) -> None:
     """Enable a disabled account again."""
     api, u = _target(ctx, name)
     api.call("POST", f"/api/v1/users/{u['id']}/enable", totp=_step_up(totp))
@@ -249,7 +255,7 @@ def users_enable(ctx: typer.Context, name: str, totp: TotpOpt = None) -> None:
 
 
 @users_app.command("delete")
-def users_delete(ctx: typer.Context, name: str,
+def users_delete(ctx: typer.Context, name: NameArg,
                  yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask for confirmation")] = False,
                  totp: TotpOpt = None) -> None:
     """Delete an account: its secrets are wiped and its logins end; the name stays in the records and is never reused."""
@@ -261,7 +267,7 @@ def users_delete(ctx: typer.Context, name: str,
 
 
 @users_app.command("enrol-totp")
-def users_enrol_totp(ctx: typer.Context, name: str,
+def users_enrol_totp(ctx: typer.Context, name: NameArg,
                      qr: Annotated[bool, typer.Option("--qr", help="also print the enrolment as a QR code")] = False,
                      totp: TotpOpt = None) -> None:
     """Give an account a new TOTP secret, shown once; any earlier secret stops working."""
@@ -278,7 +284,7 @@ def users_enrol_totp(ctx: typer.Context, name: str,
 
 
 @users_app.command("set-password")
-def users_set_password(ctx: typer.Context, name: str, password_stdin: PasswordStdinOpt = False,
+def users_set_password(ctx: typer.Context, name: NameArg, password_stdin: PasswordStdinOpt = False,
                        totp: TotpOpt = None) -> None:
     """Set an account's password; the person's logins end (unless it is your own)."""
     api, u = _target(ctx, name)
@@ -369,10 +375,10 @@ def _api(ctx: typer.Context) -> Api:
     """The API as the logged-in user; the token only ever goes to the controller that issued it."""
     state = _state_dir()
     cfg = _read_config(state)
-    url = _controller_url(ctx.obj.controller or cfg.controller)
     token = _read_token(state)
     if token is None:
         raise CliError("you are not logged in", hint="wicket login")
+    url = _controller_url(ctx.obj.controller or cfg.controller)
     if cfg.controller and _controller_url(cfg.controller) != url:
         raise CliError(f"you are logged in to {cfg.controller}, not {url}", exit_code=EXIT_USAGE,
                        hint=f"wicket --controller {url} login")

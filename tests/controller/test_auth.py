@@ -367,3 +367,21 @@ def test_init_runs_once(ctl):
 
     with pytest.raises(SettingsError, match="init runs once"):
         init(ctl.settings, "another", "Another Admin", PASSWORD)
+
+
+def test_per_user_rows_stay_bounded(ctl):
+    from controller.models import ApiToken, UsedTotp
+
+    bob = ctl.add_user("bob")
+    for _ in range(12):
+        ctl.advance(3600 * 5)
+        ctl.login(bob)
+    with ctl.app.state.auth.factory() as s:
+        steps = s.scalars(select(UsedTotp).where(UsedTotp.user_id == bob.user_id)).all()
+        tokens = s.scalars(select(ApiToken).where(ApiToken.user_id == bob.user_id)).all()
+    assert len(steps) <= 2, "old accepted steps are forgotten (they can never match again)"
+    from datetime import timedelta
+
+    now = ctl.app.state.auth.now()
+    assert tokens and all(t.expires_at >= now - timedelta(days=1) for t in tokens), "tokens a day past their end are removed"
+    assert len(tokens) < 12
