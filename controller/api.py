@@ -3,14 +3,16 @@ or change accounts also need a fresh TOTP code (step-up, header X-Wicket-TOTP)."
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Query, Response, status
-from pydantic import AwareDatetime
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query, Response, status
 from sqlalchemy import select
 
 from .deps import COOKIE, AdminPrincipal, AuditReader, AuthDep, CurrentPrincipal, Source, TotpHeader, UsersDep
-from .errors import NotAuthenticated
 from .models import Event
 from .schemas import (
+    DB_INT_MAX,
+    PRINTABLE,
     EnrolmentOut,
     ErrorOut,
     EventPublic,
@@ -23,9 +25,11 @@ from .schemas import (
     RolesIn,
     UserCreate,
     UserPublic,
+    UtcTime,
     WhoAmI,
 )
 
+UserId = Annotated[int, Path(ge=1, le=DB_INT_MAX)]
 _ERRORS = {code: {"model": ErrorOut} for code in (401, 403, 404, 409, 422, 429)}
 router = APIRouter(prefix="/api/v1", responses=_ERRORS)
 
@@ -73,8 +77,7 @@ def whoami(principal: CurrentPrincipal) -> WhoAmI:
 def change_own_password(body: OwnPasswordIn, principal: CurrentPrincipal, auth: AuthDep, users: UsersDep,
                         source: Source, totp_code: TotpHeader = None) -> Response:
     auth.step_up(principal, totp_code, "changing your password", source)
-    if not users.password_ok(principal.user_id, body.current_password):
-        raise NotAuthenticated("the current password is wrong", reason="invalid_credentials")
+    auth.verify_own_password(principal, body.current_password, source)
     users.set_password(principal, principal.user_id, body.new_password, source)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
@@ -105,12 +108,12 @@ def create_user(body: UserCreate, admin: AdminPrincipal, auth: AuthDep, users: U
 
 
 @router.get("/users/{user_id}", response_model=UserPublic, tags=["users"], summary="One account (admin)")
-def get_user(user_id: int, _admin: AdminPrincipal, users: UsersDep) -> UserPublic:
+def get_user(user_id: UserId, _admin: AdminPrincipal, users: UsersDep) -> UserPublic:
     return users.get(user_id)
 
 
 @router.put("/users/{user_id}/roles", response_model=UserPublic, tags=["users"], summary="Replace an account's roles (admin, step-up)")
-def set_roles(user_id: int, body: RolesIn, admin: AdminPrincipal, auth: AuthDep, users: UsersDep, source: Source,
+def set_roles(user_id: UserId, body: RolesIn, admin: AdminPrincipal, auth: AuthDep, users: UsersDep, source: Source,
               totp_code: TotpHeader = None) -> UserPublic:
     users.get(user_id)
     auth.step_up(admin, totp_code, "changing roles", source)
@@ -119,7 +122,7 @@ def set_roles(user_id: int, body: RolesIn, admin: AdminPrincipal, auth: AuthDep,
 
 
 @router.post("/users/{user_id}/disable", response_model=UserPublic, tags=["users"], summary="Disable an account; its logins end (admin, step-up)")
-def disable_user(user_id: int, admin: AdminPrincipal, auth: AuthDep, users: UsersDep, source: Source,
+def disable_user(user_id: UserId, admin: AdminPrincipal, auth: AuthDep, users: UsersDep, source: Source,
                  totp_code: TotpHeader = None) -> UserPublic:
     users.get(user_id)
     auth.step_up(admin, totp_code, "disabling an account", source)
@@ -128,7 +131,7 @@ def disable_user(user_id: int, admin: AdminPrincipal, auth: AuthDep, users: User
 
 
 @router.post("/users/{user_id}/enable", response_model=UserPublic, tags=["users"], summary="Enable an account again (admin, step-up)")
-def enable_user(user_id: int, admin: AdminPrincipal, auth: AuthDep, users: UsersDep, source: Source,
+def enable_user(user_id: UserId, admin: AdminPrincipal, auth: AuthDep, users: UsersDep, source: Source,
                 totp_code: TotpHeader = None) -> UserPublic:
     users.get(user_id)
     auth.step_up(admin, totp_code, "enabling an account", source)
@@ -137,7 +140,7 @@ def enable_user(user_id: int, admin: AdminPrincipal, auth: AuthDep, users: Users
 
 
 @router.delete("/users/{user_id}", status_code=status.HTTP_204_NO_CONTENT, tags=["users"], summary="Delete an account (admin, step-up)")
-def delete_user(user_id: int, admin: AdminPrincipal, auth: AuthDep, users: UsersDep, source: Source,
+def delete_user(user_id: UserId, admin: AdminPrincipal, auth: AuthDep, users: UsersDep, source: Source,
                 totp_code: TotpHeader = None) -> Response:
     users.get(user_id)
     auth.step_up(admin, totp_code, "deleting an account", source)
@@ -146,7 +149,7 @@ def delete_user(user_id: int, admin: AdminPrincipal, auth: AuthDep, users: Users
 
 
 @router.post("/users/{user_id}/totp", response_model=EnrolmentOut, tags=["users"], summary="Enrol a new TOTP secret, shown once (admin, step-up)")
-def enrol_totp(user_id: int, admin: AdminPrincipal, auth: AuthDep, users: UsersDep, source: Source,
+def enrol_totp(user_id: UserId, admin: AdminPrincipal, auth: AuthDep, users: UsersDep, source: Source,
                totp_code: TotpHeader = None) -> EnrolmentOut:
     users.get(user_id)
     auth.step_up(admin, totp_code, "enrolling TOTP", source)
@@ -155,7 +158,7 @@ def enrol_totp(user_id: int, admin: AdminPrincipal, auth: AuthDep, users: UsersD
 
 
 @router.put("/users/{user_id}/password", status_code=status.HTTP_204_NO_CONTENT, tags=["users"], summary="Set an account's password (admin, step-up)")
-def set_password(user_id: int, body: PasswordIn, admin: AdminPrincipal, auth: AuthDep, users: UsersDep, source: Source,
+def set_password(user_id: UserId, body: PasswordIn, admin: AdminPrincipal, auth: AuthDep, users: UsersDep, source: Source,
                  totp_code: TotpHeader = None) -> Response:
     users.get(user_id)
     auth.step_up(admin, totp_code, "setting a password", source)
@@ -167,8 +170,8 @@ def set_password(user_id: int, body: PasswordIn, admin: AdminPrincipal, auth: Au
 
 
 @router.get("/events", response_model=list[EventPublic], tags=["events"], summary="Authentication and account events (admin, soc)")
-def list_events(_reader: AuditReader, auth: AuthDep, after: int = Query(0, ge=0), limit: int = Query(100, ge=1, le=1000),
-                subject: str | None = Query(None, max_length=64), since: AwareDatetime | None = None) -> list[EventPublic]:
+def list_events(_reader: AuditReader, auth: AuthDep, after: int = Query(0, ge=0, le=DB_INT_MAX), limit: int = Query(100, ge=1, le=1000),
+                subject: str | None = Query(None, max_length=64, pattern=PRINTABLE), since: UtcTime | None = None) -> list[EventPublic]:
     with auth.factory() as s:
         q = select(Event).where(Event.seq > after).order_by(Event.seq).limit(limit)
         if subject:

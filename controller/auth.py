@@ -78,7 +78,7 @@ class Auth:
         with transaction(self.factory) as s:
             wait = throttle.retry_after(s, keys, now)
             if wait:
-                events.record(s, category="authentication", type="login", result="failure", subject=username[:64],
+                events.record(s, at=now, category="authentication", type="login", result="failure", subject=username[:64],
                               source=source, reason="throttled", retry_after_s=wait)
         if wait:
             raise Throttled(wait)
@@ -94,7 +94,7 @@ class Auth:
             raise NotAuthenticated("this code was already used: wait for the next one", reason="code_reused") from None
         except AccountUnusable as exc:
             with transaction(self.factory) as s:
-                events.record(s, category="authentication", type="login", result="failure", subject=username[:64],
+                events.record(s, at=now, category="authentication", type="login", result="failure", subject=username[:64],
                               source=source, reason=exc.code)
             raise
 
@@ -114,7 +114,7 @@ class Auth:
             recovery.used_at = now
         if self.passwords.needs_rehash(user.password_hash):
             user.password_hash = self.passwords.hasher.hash(password)
-            events.record(s, category="account", type="password_rehashed", result="success", actor_id=user.id,
+            events.record(s, at=now, category="account", type="password_rehashed", result="success", actor_id=user.id,
                           actor=user.username, subject=user.username)
         token = new_token()
         expires = now + timedelta(seconds=self.settings.token_max_s)
@@ -122,7 +122,7 @@ class Auth:
         s.add(ApiToken(token_hash=token_hash(token), user_id=user.id, kind=kind, created_at=now, last_used_at=now,
                        idle_expires_at=idle, expires_at=expires, source=source))
         throttle.record_success(s, username)
-        events.record(s, category="authentication", type="login", result="success", actor_id=user.id,
+        events.record(s, at=now, category="authentication", type="login", result="success", actor_id=user.id,
                       actor=user.username, subject=user.username, source=source,
                       factor="totp" if step is not None else "recovery_code", token_kind=kind)
         return LoginResult(token=token, expires_at=expires, idle_expires_at=idle,
@@ -145,7 +145,7 @@ class Auth:
     def _failed_login(self, username: str, source: str | None, reason: str, keys, now) -> None:
         with transaction(self.factory) as s:
             throttle.record_failure(s, keys, now, self.settings.throttle)
-            events.record(s, category="authentication", type="login", result="failure", subject=username[:64],
+            events.record(s, at=now, category="authentication", type="login", result="failure", subject=username[:64],
                           source=source, reason=reason)
 
     # ---- every request ----
@@ -179,16 +179,36 @@ class Auth:
                 row.idle_expires_at = min(now + timedelta(seconds=self.settings.token_idle_s), row.expires_at)
                 return _principal(user, digest, row.kind, row.expires_at)
             reason, detail, who = failure
-            events.record(s, category="authentication", type="token_refused", result="failure",
+            events.record(s, at=now, category="authentication", type="token_refused", result="failure",
                           actor_id=who.id if who else None, actor=who.username if who else None,
                           subject=who.username if who else None, source=source, reason=reason)
         raise NotAuthenticated(detail, reason=reason)
 
     def logout(self, principal: Principal, source: str | None = None) -> None:
+        now = self.now()
         with transaction(self.factory) as s:
-            s.execute(update(ApiToken).where(ApiToken.token_hash == principal.token_hash).values(revoked_at=self.now()))
-            events.record(s, category="authentication", type="logout", result="success", actor_id=principal.user_id,
+            s.execute(update(ApiToken).where(ApiToken.token_hash == principal.token_hash).values(revoked_at=now))
+            events.record(s, at=now, category="authentication", type="logout", result="success", actor_id=principal.user_id,
                           actor=principal.username, subject=principal.username, source=source)
+
+    def verify_own_password(self, principal: Principal, password: str, source: str | None = None) -> None:
+        """Re-check the caller's password (e.g. before changing it): throttled and recorded like a login."""
+        now = self.now()
+        keys = throttle.keys_for(principal.username, source)
+        with transaction(self.factory) as s:
+            wait = throttle.retry_after(s, keys, now)
+        if wait:
+            raise Throttled(wait)
+        with self.factory() as s:
+            user = s.get(User, principal.user_id)
+            ok = self.passwords.verify(user.password_hash if user else None, password)
+        if not ok:
+            with transaction(self.factory) as s:
+                throttle.record_failure(s, keys, now, self.settings.throttle)
+                events.record(s, at=now, category="authentication", type="password_check", result="failure",
+                              actor_id=principal.user_id, actor=principal.username, subject=principal.username,
+                              source=source, reason="invalid_credentials")
+            raise NotAuthenticated("the current password is wrong", reason="invalid_credentials")
 
     def step_up(self, principal: Principal, code: str | None, action: str, source: str | None = None) -> None:
         """A fresh TOTP code for an action that grants access, even inside a valid login; single use."""
@@ -210,13 +230,13 @@ class Auth:
                 s.add(UsedTotp(user_id=user.id, step=step, used_at=now))
                 s.flush()
                 _trim(s, user.id, step, now)
-                events.record(s, category="authentication", type="step_up", result="success", actor_id=user.id,
+                events.record(s, at=now, category="authentication", type="step_up", result="success", actor_id=user.id,
                               actor=user.username, subject=user.username, source=source, action=action)
         except (_BadCredentials, IntegrityError) as exc:
             reason = exc.reason if isinstance(exc, _BadCredentials) else "code_reused"
             with transaction(self.factory) as s:
                 throttle.record_failure(s, keys, now, self.settings.throttle)
-                events.record(s, category="authentication", type="step_up", result="failure", actor_id=principal.user_id,
+                events.record(s, at=now, category="authentication", type="step_up", result="failure", actor_id=principal.user_id,
                               actor=principal.username, subject=principal.username, source=source, reason=reason, action=action)
             raise StepUpRequired("that TOTP code is wrong or already used: use the next one") from None
 

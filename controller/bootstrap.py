@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 from dataclasses import dataclass
+from pathlib import Path
 
 from sqlalchemy import func, select
 
@@ -11,8 +13,9 @@ from .auth import Auth, Principal
 from .db import make_engine, migrate, session_factory
 from .models import AccountKind, User, now
 from .security import keys as controller_keys
+from .security.passwords import check_strength
 from .settings import Settings, SettingsError
-from .users import Enrolment, Users
+from .users import USERNAME_RE, Enrolment, Users
 
 INIT_ACTOR = Principal(user_id=0, username="wicket-controller init", kind="internal", roles=(("admin", None),),
                        token_hash="", token_kind="init", expires_at=now())
@@ -27,9 +30,18 @@ class InitResult:
 
 
 def init(settings: Settings, admin: str, display_name: str, password: str | None = None) -> InitResult:
+    # Check what could fail before anything is written: a half-done init would block the next one.
+    if not USERNAME_RE.match(admin):
+        raise SettingsError(f"--admin {admin!r}: lower-case letters, digits, '.', '_' or '-', starting with a letter")
+    if password is not None:
+        try:
+            check_strength(password)
+        except ValueError as exc:
+            raise SettingsError(f"admin password: {exc}") from None
     settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     engine = make_engine(settings.database_url)
     migrate(engine)
+    _private_database_file(settings.database_url)
     factory = session_factory(engine)
     with factory() as s:
         if s.scalar(select(func.count()).select_from(User)):
@@ -44,6 +56,15 @@ def init(settings: Settings, admin: str, display_name: str, password: str | None
                         kind=AccountKind.internal.value, roles=[("admin", None)], source="local")
     enrolment = users.enrol_totp(None, user.id, source="local")
     return InitResult(admin=admin, password=generated, enrolment=enrolment, public_signing_key=keys.public_signing_key())
+
+
+def _private_database_file(url: str) -> None:
+    """An SQLite database holds password hashes and sealed TOTP secrets: owner only."""
+    if url.startswith("sqlite:///"):
+        path = Path(url[len("sqlite:///") :])
+        for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+            if p.exists():
+                os.chmod(p, 0o600)
 
 
 def migrate_only(settings: Settings) -> None:

@@ -23,11 +23,12 @@ def get_users(request: Request) -> Users:
 
 
 def source_of(request: Request) -> str | None:
-    """The caller's address; X-Forwarded-For only when the controller is told it sits behind a proxy."""
+    """The caller's address. Behind one reverse proxy (WICKET_TRUST_FORWARDED_FOR), the last
+    X-Forwarded-For entry: the one our proxy appended. Earlier entries are whatever the client sent."""
     if request.app.state.settings.trust_forwarded_for:
         forwarded = request.headers.get("x-forwarded-for")
         if forwarded:
-            return forwarded.split(",")[0].strip()[:64]
+            return forwarded.split(",")[-1].strip()[:64]
     return request.client.host if request.client else None
 
 

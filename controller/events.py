@@ -27,6 +27,7 @@ def record(
     subject: str | None = None,
     source: str | None = None,
     reason: str | None = None,
+    at=None,
     **body,
 ) -> Event:
     for key in body:
@@ -34,7 +35,7 @@ def record(
         if any(k == word or k.endswith("_" + word) for word in FORBIDDEN_KEYS):
             raise ValueError(f"event body key {key!r} looks like a secret")
     event = Event(
-        at=now(), category=category, type=type, result=result, actor_id=actor_id, actor=actor,
+        at=at or now(), category=category, type=type, result=result, actor_id=actor_id, actor=actor,
         subject=subject, source=source, reason=reason, body=body,
     )
     session.add(event)

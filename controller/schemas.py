@@ -2,14 +2,51 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Literal
+from datetime import UTC, datetime
+from typing import Annotated, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+
+DB_INT_MAX = 2**31 - 1  # ids and sequence numbers: the largest a 32-bit INTEGER column holds (PostgreSQL)
+EARLIEST, LATEST = datetime(1970, 1, 1, tzinfo=UTC), datetime(9999, 1, 1, tzinfo=UTC)
+
+
+def _in_range(value: datetime) -> datetime:
+    try:
+        utc = value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("has no UTC equivalent") from None
+    if not EARLIEST <= utc < LATEST:
+        raise ValueError("must be between 1970 and 9999")
+    return utc
+
+
+UtcTime = Annotated[AwareDatetime, AfterValidator(_in_range)]
+PRINTABLE = r"^[^\x00-\x1f\x7f]*$"  # no NUL or other control characters, in any text we take
+
+
+def _no_control(value):
+    """Walk an input value: text that carries control characters (NUL above all) is refused."""
+    if isinstance(value, str):
+        if any(ord(c) < 32 or ord(c) == 127 for c in value):
+            raise ValueError("text must not contain control characters")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _no_control(k)
+            _no_control(v)
+    elif isinstance(value, list | tuple):
+        for v in value:
+            _no_control(v)
+    return value
 
 
 class _In(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _printable(cls, data):
+        return _no_control(data)
 
 
 class LoginIn(_In):
@@ -48,8 +85,8 @@ class UserCreate(_In):
     password: str = Field(min_length=12, max_length=1024)
     kind: Literal["internal", "contractor"] = "internal"
     sponsor: str | None = Field(default=None, max_length=64)
-    valid_from: AwareDatetime | None = None
-    valid_until: AwareDatetime | None = None
+    valid_from: UtcTime | None = None
+    valid_until: UtcTime | None = None
     roles: list[RoleGrantIO] = Field(default_factory=list, max_length=32)
 
 

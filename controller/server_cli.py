@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
+from .errors import DomainError
 from .settings import SettingsError, load
 
 
@@ -28,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("migrate", help="bring the database schema up to date")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.umask(0o077)  # the database and keys are the controller's alone
     try:
         settings = load()
         if args.cmd == "init":
@@ -39,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
             print("database schema is up to date")
             return 0
         return _serve(settings, args)
-    except SettingsError as exc:
+    except (SettingsError, DomainError) as exc:
         print(f"wicket-controller: {exc}", file=sys.stderr)
         return 2
 

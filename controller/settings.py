@@ -29,7 +29,7 @@ class Argon2Params:
 class ThrottlePolicy:
     """Failed logins, per account and per source address (see docs/controller.md)."""
 
-    window_s: int = 900  # failures older than this are forgotten
+    window_s: int = 900  # an account's or address's count is forgotten after this long without a failure
     free_failures: int = 5  # failures allowed before any delay
     max_delay_s: int = 300  # the longest an account or address is ever held off: approvers stay reachable
 

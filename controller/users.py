@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -51,10 +51,6 @@ class Users:
                 raise NotFound(f"no user {user_id}")
             return user_public(user)
 
-    def password_ok(self, user_id: int, password: str) -> bool:
-        with self.factory() as s:
-            user = s.get(User, user_id)
-            return self.auth.passwords.verify(user.password_hash if user else None, password)
 
     # ---- changes ----
 
@@ -80,6 +76,8 @@ class Users:
                 if sponsor_user is None or sponsor_user.kind != AccountKind.internal.value or sponsor_user.disabled:
                     raise Invalid(f"sponsor {sponsor!r} is not an active internal user")
                 start = valid_from or now
+                if valid_until <= now:
+                    raise Invalid("valid_until must be in the future")
                 if valid_until <= start:
                     raise Invalid("valid_until must be after valid_from")
                 if valid_until - start > timedelta(days=MAX_CONTRACTOR_DAYS):
@@ -96,7 +94,7 @@ class Users:
             except IntegrityError:
                 raise Conflict(f"user {username} exists (user names are never reused)") from None
             self._set_roles(s, actor, user, roles or [], now)
-            events.record(s, category="account", type="user_created", result="success", actor_id=actor.user_id,
+            events.record(s, at=now, category="account", type="user_created", result="success", actor_id=actor.user_id,
                           actor=actor.username, subject=username, source=source, kind=kind,
                           sponsor=sponsor, valid_until=valid_until.isoformat() if valid_until else None,
                           roles=[f"{r}@{site or '*'}" for r, site in (roles or [])])
@@ -109,7 +107,7 @@ class Users:
             before = sorted(f"{g.role}@{g.site or '*'}" for g in user.grants)
             self._set_roles(s, actor, user, roles, now)
             after = sorted(f"{r}@{site or '*'}" for r, site in roles)
-            events.record(s, category="account", type="roles_changed", result="success", actor_id=actor.user_id,
+            events.record(s, at=now, category="account", type="roles_changed", result="success", actor_id=actor.user_id,
                           actor=actor.username, subject=user.username, source=source, before=before, after=after)
             return user
 
@@ -119,10 +117,12 @@ class Users:
             user = self._live(s, user_id)
             if disabled and user.id == actor.user_id:
                 raise Conflict("you cannot disable your own account")
+            if disabled and any(g.role == Role.admin.value for g in user.grants):
+                self._keep_an_admin(s, user)
             user.disabled, user.updated_at = disabled, now
             if disabled:
                 self._revoke_tokens(s, user.id, now)
-            events.record(s, category="account", type="user_disabled" if disabled else "user_enabled", result="success",
+            events.record(s, at=now, category="account", type="user_disabled" if disabled else "user_enabled", result="success",
                           actor_id=actor.user_id, actor=actor.username, subject=user.username, source=source)
             return user
 
@@ -133,12 +133,14 @@ class Users:
             user = self._live(s, user_id)
             if user.id == actor.user_id:
                 raise Conflict("you cannot delete your own account")
+            if any(g.role == Role.admin.value for g in user.grants):
+                self._keep_an_admin(s, user)
             user.deleted_at, user.disabled, user.updated_at = now, True, now
             user.password_hash, user.totp_secret, user.totp_confirmed, user.email = None, None, False, None
             user.grants.clear()
             s.execute(update(RecoveryCode).where(RecoveryCode.user_id == user.id, RecoveryCode.used_at.is_(None)).values(used_at=now))
             self._revoke_tokens(s, user.id, now)
-            events.record(s, category="account", type="user_deleted", result="success", actor_id=actor.user_id,
+            events.record(s, at=now, category="account", type="user_deleted", result="success", actor_id=actor.user_id,
                           actor=actor.username, subject=user.username, source=source)
 
     def enrol_totp(self, actor: Principal | None, user_id: int, source: str | None = None) -> Enrolment:
@@ -149,7 +151,7 @@ class Users:
             secret = totp.new_secret()
             user.totp_secret = self.auth.keys.seal(secret, f"totp:{user.id}")
             user.totp_confirmed, user.updated_at = False, now
-            events.record(s, category="account", type="totp_enrolled", result="success",
+            events.record(s, at=now, category="account", type="totp_enrolled", result="success",
                           actor_id=actor.user_id if actor else None, actor=actor.username if actor else "wicket-controller init",
                           subject=user.username, source=source)
             uri = totp.provisioning_uri(secret, user.username, self.auth.settings.totp_issuer)
@@ -164,9 +166,12 @@ class Users:
         with transaction(self.factory) as s:
             user = self._live(s, user_id)
             user.password_hash, user.updated_at = self.auth.passwords.hash(password), now
-            if user.id != actor.user_id:
-                self._revoke_tokens(s, user.id, now)  # an administrator's reset ends the person's logins
-            events.record(s, category="account", type="password_changed", result="success", actor_id=actor.user_id,
+            # A new password ends the account's other logins (the caller's own one stays, if it is theirs).
+            q = update(ApiToken).where(ApiToken.user_id == user.id, ApiToken.revoked_at.is_(None))
+            if user.id == actor.user_id:
+                q = q.where(ApiToken.token_hash != actor.token_hash)
+            s.execute(q.values(revoked_at=now))
+            events.record(s, at=now, category="account", type="password_changed", result="success", actor_id=actor.user_id,
                           actor=actor.username, subject=user.username, source=source)
 
     def new_recovery_codes(self, actor: Principal, source: str | None = None) -> list[str]:
@@ -178,7 +183,7 @@ class Users:
             s.execute(update(RecoveryCode).where(RecoveryCode.user_id == user.id, RecoveryCode.used_at.is_(None)).values(used_at=now))
             for code in codes:
                 s.add(RecoveryCode(user_id=user.id, code_hash=totp.hash_recovery_code(code)))
-            events.record(s, category="account", type="recovery_codes_issued", result="success", actor_id=actor.user_id,
+            events.record(s, at=now, category="account", type="recovery_codes_issued", result="success", actor_id=actor.user_id,
                           actor=actor.username, subject=user.username, source=source, count=len(codes))
         return codes
 
@@ -189,6 +194,16 @@ class Users:
         if user is None or user.deleted_at is not None:
             raise NotFound(f"no user {user_id}")
         return user
+
+    def _keep_an_admin(self, s: Session, losing: User) -> None:
+        """Refuse a change that would leave no active administrator."""
+        others = s.scalar(
+            select(func.count()).select_from(RoleGrant).join(User, RoleGrant.user_id == User.id).where(
+                RoleGrant.role == Role.admin.value, User.id != losing.id, User.disabled.is_(False), User.deleted_at.is_(None)
+            )
+        )
+        if not others:
+            raise Conflict("this would leave no active administrator")
 
     def _set_roles(self, s: Session, actor: Principal, user: User, roles, now) -> None:
         seen = set()
@@ -204,6 +219,8 @@ class Users:
             if (role, site) in seen:
                 raise Invalid(f"{role}@{site or '*'} listed twice")
             seen.add((role, site))
+        if any(g.role == Role.admin.value for g in user.grants) and (Role.admin.value, None) not in seen:
+            self._keep_an_admin(s, user)
         user.grants.clear()
         s.flush()
         for role, site in sorted(seen, key=lambda x: (x[0], x[1] or "")):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
+from sqlalchemy import delete
 from sqlalchemy.orm import Session
 
 from ..models import Throttle
@@ -37,6 +38,10 @@ def retry_after(session: Session, keys: list[tuple[str, int]], now: datetime) ->
 
 
 def record_failure(session: Session, keys: list[tuple[str, int]], now: datetime, policy: ThrottlePolicy) -> None:
+    # Rows of names nobody tries any more (often made-up names) go once they are forgotten anyway.
+    quiet = now - timedelta(seconds=policy.window_s)
+    session.execute(delete(Throttle).where(Throttle.last_failure_at < quiet,
+                                           (Throttle.blocked_until.is_(None)) | (Throttle.blocked_until < now)))
     for key, factor in keys:
         row = _locked_row(session, key)
         # Forgotten only after `window_s` of quiet: an attacker who keeps trying stays at the cap.
