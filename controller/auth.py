@@ -142,6 +142,15 @@ class Auth:
         step = totp.matching_step(secret, code or "", now.timestamp())
         return (step if user is not None and user.totp_secret else None), None
 
+    def _not_held_off(self, username: str, source: str | None, now: datetime) -> list[tuple[str, int]]:
+        """The throttle keys for an attempt; raises Throttled while the account or source is held off."""
+        keys = throttle.keys_for(username, source)
+        with transaction(self.factory) as s:
+            wait = throttle.retry_after(s, keys, now)
+        if wait:
+            raise Throttled(wait)
+        return keys
+
     def _failed_login(self, username: str, source: str | None, reason: str, keys, now) -> None:
         with transaction(self.factory) as s:
             throttle.record_failure(s, keys, now, self.settings.throttle)
@@ -194,11 +203,7 @@ class Auth:
     def verify_own_password(self, principal: Principal, password: str, source: str | None = None) -> None:
         """Re-check the caller's password (e.g. before changing it): throttled and recorded like a login."""
         now = self.now()
-        keys = throttle.keys_for(principal.username, source)
-        with transaction(self.factory) as s:
-            wait = throttle.retry_after(s, keys, now)
-        if wait:
-            raise Throttled(wait)
+        keys = self._not_held_off(principal.username, source, now)
         with self.factory() as s:
             user = s.get(User, principal.user_id)
             ok = self.passwords.verify(user.password_hash if user else None, password)
@@ -215,11 +220,7 @@ class Auth:
         if not code:
             raise StepUpRequired(f"{action} needs a fresh TOTP code in the X-Wicket-TOTP header")
         now = self.now()
-        keys = throttle.keys_for(principal.username, source)
-        with transaction(self.factory) as s:
-            wait = throttle.retry_after(s, keys, now)
-        if wait:
-            raise Throttled(wait)
+        keys = self._not_held_off(principal.username, source, now)
         try:
             with transaction(self.factory) as s:
                 user = s.get(User, principal.user_id)

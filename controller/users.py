@@ -62,10 +62,7 @@ class Users:
             raise Invalid("username: lower-case letters, digits, '.', '_' or '-', starting with a letter, 2–64 characters")
         if kind not in (k.value for k in AccountKind):
             raise Invalid("kind: internal or contractor")
-        try:
-            check_strength(password)
-        except ValueError as exc:
-            raise Invalid(f"password: {exc}") from None
+        _strong(password)
         now = self.auth.now()
         with transaction(self.factory) as s:
             sponsor_user = None
@@ -158,10 +155,7 @@ class Users:
             return Enrolment(username=user.username, otpauth_uri=uri, qr_svg=totp.qr_svg(uri), qr_text=totp.qr_text(uri))
 
     def set_password(self, actor: Principal, user_id: int, password: str, source: str | None = None) -> None:
-        try:
-            check_strength(password)
-        except ValueError as exc:
-            raise Invalid(f"password: {exc}") from None
+        _strong(password)
         now = self.auth.now()
         with transaction(self.factory) as s:
             user = self._live(s, user_id)
@@ -229,3 +223,10 @@ class Users:
 
     def _revoke_tokens(self, s: Session, user_id: int, now: datetime) -> None:
         s.execute(update(ApiToken).where(ApiToken.user_id == user_id, ApiToken.revoked_at.is_(None)).values(revoked_at=now))
+
+
+def _strong(password: str) -> None:
+    try:
+        check_strength(password)
+    except ValueError as exc:
+        raise Invalid(f"password: {exc}") from None
