@@ -40,9 +40,6 @@ class Principal:
     token_kind: str
     expires_at: datetime
 
-    def has(self, role: str, site: str | None = None) -> bool:
-        return any(r == role and (s is None or s == site) for r, s in self.roles)
-
     def has_any(self, *roles: str) -> bool:
         return any(r in roles for r, _s in self.roles)
 

@@ -14,7 +14,6 @@ from sqlalchemy import (
     ForeignKey,
     Integer,
     String,
-    Text,
     TypeDecorator,
     UniqueConstraint,
 )
@@ -162,13 +161,6 @@ class Event(Base):
     source: Mapped[str | None] = mapped_column(String(64))
     reason: Mapped[str | None] = mapped_column(String(64))
     body: Mapped[dict] = mapped_column(JSON, default=dict)
-
-
-class ControllerMeta(Base):
-    __tablename__ = "controller_meta"
-
-    key: Mapped[str] = mapped_column(String(64), primary_key=True)
-    value: Mapped[str] = mapped_column(Text)
 
 
 def now() -> datetime:

@@ -6,7 +6,6 @@ cannot both win. Recovery codes: ten single-use codes, stored as SHA-256 (they a
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import io
@@ -64,7 +63,3 @@ def new_recovery_codes() -> list[str]:
 
 def hash_recovery_code(code: str) -> str:
     return hashlib.sha256(code.strip().lower().encode()).hexdigest()
-
-
-def b32(raw: bytes) -> str:
-    return base64.b32encode(raw).decode()

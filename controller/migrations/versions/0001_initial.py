@@ -15,11 +15,6 @@ depends_on = None
 
 
 def upgrade() -> None:
-    op.create_table('controller_meta',
-    sa.Column('key', sa.String(length=64), nullable=False),
-    sa.Column('value', sa.Text(), nullable=False),
-    sa.PrimaryKeyConstraint('key')
-    )
     op.create_table('events',
     sa.Column('seq', sa.Integer(), autoincrement=True, nullable=False),
     sa.Column('at', sa.DateTime(), nullable=False),
@@ -130,4 +125,3 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f('ix_events_at'))
 
     op.drop_table('events')
-    op.drop_table('controller_meta')
