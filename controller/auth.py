@@ -43,6 +43,20 @@ class Principal:
     def has_any(self, *roles: str) -> bool:
         return any(r in roles for r, _s in self.roles)
 
+    def can(self, site: str, *roles: str) -> bool:
+        """Holds one of `roles` for `site` (a grant for every site counts)."""
+        return any(r in roles and (s is None or s == site) for r, s in self.roles)
+
+    def sites(self, *roles: str) -> set[str] | None:
+        """The sites where the caller holds one of `roles`; None means every site."""
+        out: set[str] = set()
+        for r, s in self.roles:
+            if r in roles:
+                if s is None:
+                    return None
+                out.add(s)
+        return out
+
 
 @dataclass(frozen=True)
 class LoginResult:

@@ -18,6 +18,10 @@ class DomainError(Exception):
         self.detail = detail
         self.headers = headers or {}
 
+    def extra(self) -> dict:
+        """More fields for the body, next to error and detail (e.g. every problem of a rejected import)."""
+        return {}
+
 
 class Invalid(DomainError):
     status, code = 422, "invalid"
@@ -76,7 +80,7 @@ def body(code: str, detail: str) -> dict:
 def install(app: FastAPI) -> None:
     @app.exception_handler(DomainError)
     async def _domain(_request: Request, exc: DomainError):
-        return JSONResponse(body(exc.code, exc.detail), status_code=exc.status, headers=exc.headers)
+        return JSONResponse({**body(exc.code, exc.detail), **exc.extra()}, status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException):
@@ -91,5 +95,5 @@ def install(app: FastAPI) -> None:
         parts = []
         for err in exc.errors()[:10]:
             where = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "(request)"
-            parts.append(f"{where}: {err.get('msg')}")
+            parts.append(f"{where}: {str(err.get('msg')).removeprefix('Value error, ')}")
         return JSONResponse(body("invalid", "; ".join(parts)), status_code=422)

@@ -163,5 +163,84 @@ class Event(Base):
     body: Mapped[dict] = mapped_column(JSON, default=dict)
 
 
+class Lifecycle(StrEnum):
+    provisioned = "provisioned"
+    active = "active"
+    quarantined = "quarantined"
+    decommissioned = "decommissioned"
+
+
+class Site(Base):
+    """A site with its edge router(s): where lanes open, from which pools, and in which time zone."""
+
+    __tablename__ = "sites"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    display_name: Mapped[str] = mapped_column(String(128))
+    time_zone: Mapped[str] = mapped_column(String(64))
+    tunnel_pool: Mapped[str] = mapped_column(String(64))  # IPv4 CIDR engineers' tunnel addresses come from
+    port_min: Mapped[int] = mapped_column(Integer)
+    port_max: Mapped[int] = mapped_column(Integer)
+    public_endpoint: Mapped[str] = mapped_column(String(253))  # host engineers' clients dial
+    lan_networks: Mapped[list] = mapped_column(JSON, default=list)  # device addresses lie inside these
+    change_windows: Mapped[list] = mapped_column(JSON, default=list)  # names of policy change windows
+    revision: Mapped[int] = mapped_column(Integer, default=1)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class NodeAgent(Base):
+    """An agent (edge router) of a site. Enrolment and the live link come with the agent-link issue."""
+
+    __tablename__ = "node_agents"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    site_id: Mapped[int] = mapped_column(ForeignKey("sites.id", ondelete="RESTRICT"), index=True)
+    description: Mapped[str] = mapped_column(String(256), default="")
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class Device(Base):
+    """A device's passport: identity, place, addresses, SIM binding, lifecycle and posture."""
+
+    __tablename__ = "devices"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    asset_id: Mapped[str] = mapped_column(String(64), unique=True)
+    device_type: Mapped[str] = mapped_column(String(48), index=True)
+    site_id: Mapped[int] = mapped_column(ForeignKey("sites.id", ondelete="RESTRICT"), index=True)
+    addresses: Mapped[list] = mapped_column(JSON, default=list)
+    mac: Mapped[str | None] = mapped_column(String(17))
+    iccid: Mapped[str | None] = mapped_column(String(22), unique=True)
+    eid: Mapped[str | None] = mapped_column(String(32), unique=True)
+    imsis: Mapped[list] = mapped_column(JSON, default=list)
+    firmware: Mapped[str | None] = mapped_column(String(64))
+    lifecycle: Mapped[str] = mapped_column(String(16), default=Lifecycle.provisioned.value)
+    last_seen: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    ports: Mapped[dict] = mapped_column(JSON, default=dict)  # protocol → port, where the device differs
+    description: Mapped[str] = mapped_column(String(256), default="")
+    revision: Mapped[int] = mapped_column(Integer, default=1)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+    site: Mapped[Site] = relationship(lazy="joined")
+
+
+class PolicyVersion(Base):
+    """An applied policy: its files as written (for review and diff) and the canonical content."""
+
+    __tablename__ = "policy_versions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version: Mapped[str] = mapped_column(String(71), index=True)
+    files: Mapped[dict] = mapped_column(JSON)
+    document: Mapped[dict] = mapped_column(JSON)
+    comment: Mapped[str] = mapped_column(String(500), default="")
+    applied_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    applied_by: Mapped[str] = mapped_column(String(64))
+
+
 def now() -> datetime:
     return datetime.now(UTC)

@@ -15,7 +15,7 @@ from . import events
 from .auth import Auth, Principal
 from .db import transaction
 from .errors import Conflict, Invalid, NotFound
-from .models import AccountKind, ApiToken, RecoveryCode, Role, RoleGrant, User
+from .models import AccountKind, ApiToken, RecoveryCode, Role, RoleGrant, Site, User
 from .schemas import UserPublic, user_public
 from .security import totp
 from .security.passwords import check_strength
@@ -206,6 +206,8 @@ class Users:
                 raise Invalid(f"unknown role {role!r}: one of {', '.join(r.value for r in Role)}")
             if site is not None and not SITE_RE.match(site):
                 raise Invalid(f"site {site!r}: letters, digits, '.', '_' or '-'")
+            if site is not None and s.scalar(select(Site.id).where(Site.name == site)) is None:
+                raise Invalid(f"there is no site {site!r}: create it first (wicket sites add)")
             if (role == Role.contractor.value) != (user.kind == AccountKind.contractor.value):
                 raise Invalid("contractor accounts hold exactly the contractor role, and only they do")
             if role in (Role.admin.value, Role.soc.value) and site is not None:

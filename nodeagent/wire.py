@@ -5,14 +5,17 @@ sends it. Validation here is the first line of defence: a value that could injec
 a file name never gets past these types.
 
 PROTOCOL_VERSION history (bump it, and say what changed, whenever a message changes shape):
-  1 — desired node state with lanes (controller → agent); lane evidence, agent status (agent → controller).
+  1 — desired node state with lanes (controller → agent); lane evidence, agent status (agent → controller);
+      signed device passports (controller → agent).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import ipaddress
+import json
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Literal
@@ -298,3 +301,78 @@ class AgentStatus(_Msg):
     pending_evidence: int
     clock_synchronized: bool | None
     last_reconcile: ReconcileReport | None = None
+
+
+# ---- device passports (controller → agent) -------------------------------------------------------
+
+PASSPORT_SIGNATURE_CONTEXT = b"wicket device passport v1\n"
+
+
+class PassportDestination(_Msg):
+    name: str = Field(max_length=48)
+    addresses: list[str] = Field(default_factory=list, max_length=64)
+    fqdn: str | None = Field(default=None, max_length=253)
+
+
+class PassportFlow(_Msg):
+    """One baseline flow of the device's own traffic: this protocol to these destinations."""
+
+    protocol: ServiceName
+    transport: Literal["tcp", "udp", "tcp+udp"]
+    ports: list[Port] = Field(min_length=1, max_length=8)
+    to: list[PassportDestination] = Field(min_length=1, max_length=16)
+
+
+class SimBinding(_Msg):
+    iccid: str | None = None
+    eid: str | None = None
+    imsis: list[str] = Field(default_factory=list, max_length=8)
+
+
+class DevicePassport(_Msg):
+    """A device's identity and the baseline flows bound to it, as the controller vouches for them.
+    Posture that changes by the minute (last seen) is not part of it."""
+
+    kind: Literal["device_passport"] = "device_passport"
+    protocol_version: int = PROTOCOL_VERSION
+    asset_id: AssetId
+    device_type: str = Field(max_length=48)
+    site: str = Field(max_length=64)
+    addresses: list[str] = Field(max_length=8)
+    mac: str | None = None
+    sim: SimBinding = SimBinding()
+    firmware: str | None = None
+    lifecycle: Literal["provisioned", "active", "quarantined", "decommissioned"]
+    revision: int = Field(ge=1, description="bumped by the controller whenever a field above changes")
+    baseline: list[PassportFlow] = Field(default_factory=list, max_length=32)
+    policy_version: str
+
+    def canonical_bytes(self) -> bytes:
+        """The bytes that are signed: sorted-key compact JSON, after a fixed context line."""
+        body = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return PASSPORT_SIGNATURE_CONTEXT + body.encode()
+
+
+class SignedPassport(_Msg):
+    kind: Literal["signed_passport"] = "signed_passport"
+    passport: DevicePassport
+    key_id: str = Field(description="first 16 hex digits of the SHA-256 of the controller's public signing key")
+    signature: str = Field(description="Ed25519 over passport.canonical_bytes(), base64")
+
+    def verify(self, public_key_b64: str) -> DevicePassport:
+        """The passport, if this controller key signed it; ValueError otherwise."""
+        from cryptography.exceptions import InvalidSignature
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+        raw = base64.b64decode(public_key_b64)
+        if key_id(raw) != self.key_id:
+            raise ValueError("the passport was signed by another controller key")
+        try:
+            Ed25519PublicKey.from_public_bytes(raw).verify(base64.b64decode(self.signature), self.passport.canonical_bytes())
+        except (InvalidSignature, binascii.Error, ValueError):
+            raise ValueError("the passport's signature does not verify") from None
+        return self.passport
+
+
+def key_id(public_key_raw: bytes) -> str:
+    return hashlib.sha256(public_key_raw).hexdigest()[:16]

@@ -1,0 +1,227 @@
+"""Bulk import and export of device passports as CSV.
+
+Import is all or nothing: every row is checked (formats, then the same checks as the API, then
+duplicates inside the file and against the database) and every problem is reported with its line,
+asset ID and field; only a file without problems is written, in one transaction.
+
+Columns: asset_id, device_type, site, addresses, mac, iccid, eid, imsis, firmware, lifecycle,
+last_seen, ports, description. Lists are separated by ';' (addresses, imsis); ports are
+'protocol=port;…'. Empty cells are unset.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+from dataclasses import dataclass
+
+from pydantic import ValidationError
+from sqlalchemy import insert, select, update
+
+from . import events
+from .auth import Principal
+from .db import transaction
+from .errors import Invalid
+from .inventory import DEVICE_FIELDS, Inventory, check_device
+from .inventory_schemas import DeviceCreate, ImportResult, ImportRowError
+from .models import Device, Site
+
+COLUMNS = ("asset_id", *DEVICE_FIELDS)
+REQUIRED = ("asset_id", "device_type", "site", "addresses")
+MAX_ROWS, MAX_BYTES = 100_000, 64 * 1024 * 1024
+
+
+class ImportRejected(Invalid):
+    code = "import_rejected"
+
+    def __init__(self, rows: list[ImportRowError]):
+        head = "; ".join(f"line {r.line}{f' ({r.asset_id})' if r.asset_id else ''}, {r.field}: {r.error}" for r in rows[:10])
+        more = f"; … {len(rows) - 10} more" if len(rows) > 10 else ""
+        super().__init__(f"{len(rows)} problem(s), nothing was written: {head}{more}")
+        self.rows = rows
+
+    def extra(self) -> dict:
+        return {"rows": [r.model_dump() for r in self.rows]}
+
+
+@dataclass
+class _Row:
+    line: int
+    device: DeviceCreate
+
+
+def import_devices(inventory: Inventory, caller: Principal, text: str, *, update_existing: bool = False,
+                   dry_run: bool = False, source: str | None = None) -> ImportResult:
+    policy = inventory.policies.require_active()
+    if len(text) > MAX_BYTES:
+        raise Invalid(f"the file is larger than {MAX_BYTES // 1024 // 1024} MiB")
+    problems: list[ImportRowError] = []
+    rows = _parse(text, problems)
+    now = inventory.auth.now()
+    with transaction(inventory.factory) as s:
+        sites = {site.name: site for site in s.scalars(select(Site))}
+        existing = {a: (i, ic, e) for i, a, ic, e in s.execute(select(Device.id, Device.asset_id, Device.iccid, Device.eid))}
+        sim_owner = {}
+        for asset, (_id, ic, e) in existing.items():
+            if ic:
+                sim_owner[("iccid", ic)] = asset
+            if e:
+                sim_owner[("eid", e)] = asset
+        seen_asset: dict[str, int] = {}
+        seen_sim: dict[tuple[str, str], tuple[int, str]] = {}
+        for row in rows:
+            d = row.device
+            if d.asset_id in seen_asset:
+                problems.append(_err(row, "asset_id", f"also on line {seen_asset[d.asset_id]}"))
+            seen_asset.setdefault(d.asset_id, row.line)
+            if d.asset_id in existing and not update_existing:
+                problems.append(_err(row, "asset_id", "exists already (import with --update to change existing passports)"))
+            for p in check_device(caller, policy, d, sites.get(d.site), now=now):
+                problems.append(_err(row, p.field, p.error))
+            for field in ("iccid", "eid"):
+                value = getattr(d, field)
+                if not value:
+                    continue
+                owner = sim_owner.get((field, value))
+                if owner and owner != d.asset_id:
+                    problems.append(_err(row, field, f"{value} is already bound to {owner}"))
+                if (field, value) in seen_sim and seen_sim[(field, value)][1] != d.asset_id:
+                    problems.append(_err(row, field, f"{value} is also on line {seen_sim[(field, value)][0]}"))
+                seen_sim.setdefault((field, value), (row.line, d.asset_id))
+        if problems:
+            problems.sort(key=lambda p: (p.line, p.field))
+            raise ImportRejected(problems)
+        created = updated = unchanged = 0
+        fresh, changed = [], []
+        for row in rows:
+            d = row.device
+            values = d.model_dump(exclude={"asset_id", "site"})
+            values["site_id"] = sites[d.site].id
+            if d.asset_id not in existing:
+                fresh.append({"asset_id": d.asset_id, **values, "revision": 1, "created_at": now, "updated_at": now})
+                created += 1
+            else:
+                changed.append((existing[d.asset_id][0], values))
+        if changed:
+            current = {dev.id: dev for dev in s.scalars(select(Device).where(Device.id.in_([i for i, _ in changed])))}
+            for device_id, values in changed:
+                dev = current[device_id]
+                diff = {k: v for k, v in values.items() if getattr(dev, k) != v}
+                if not diff:
+                    unchanged += 1
+                    continue
+                revision = dev.revision + (1 if set(diff) - {"last_seen"} else 0)
+                s.execute(update(Device).where(Device.id == device_id).values(**diff, revision=revision, updated_at=now))
+                updated += 1
+        if fresh:
+            s.execute(insert(Device), fresh)
+        if dry_run:
+            s.rollback()
+        else:
+            events.record(s, at=now, category="inventory", type="device.import", result="success", actor_id=caller.user_id,
+                          actor=caller.username, subject=f"{len(rows)} rows", source=source, created=created, updated=updated,
+                          unchanged=unchanged, sha256=hashlib.sha256(text.encode()).hexdigest(),
+                          asset_ids=[r.device.asset_id for r in rows[:100]])
+    return ImportResult(created=created, updated=updated, unchanged=unchanged, dry_run=dry_run)
+
+
+def export_devices(inventory: Inventory, caller: Principal, site: str | None = None) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(COLUMNS)
+    after = None
+    while True:
+        page = inventory.list_devices(caller, site=site, after=after, limit=1000)
+        for d in page.devices:
+            writer.writerow([
+                d.asset_id, d.device_type, d.site, ";".join(d.addresses), d.mac or "", d.iccid or "", d.eid or "",
+                ";".join(d.imsis), d.firmware or "", d.lifecycle,
+                d.last_seen.isoformat().replace("+00:00", "Z") if d.last_seen else "",
+                ";".join(f"{k}={v}" for k, v in sorted(d.ports.items())), d.description,
+            ])
+        if page.next_after is None:
+            return out.getvalue()
+        after = page.next_after
+
+
+# ---- parsing ----
+
+
+def _parse(text: str, problems: list[ImportRowError]) -> list[_Row]:
+    reader = csv.reader(io.StringIO(text.lstrip("\ufeff")))
+    try:
+        header = [h.strip() for h in next(reader)]
+    except StopIteration:
+        raise Invalid("the file is empty: the first line names the columns") from None
+    except csv.Error as exc:
+        raise Invalid(f"line 1: {exc}") from None
+    unknown = [h for h in header if h not in COLUMNS]
+    missing = [h for h in REQUIRED if h not in header]
+    dupes = sorted({h for h in header if header.count(h) > 1})
+    if unknown or missing or dupes:
+        parts = []
+        if unknown:
+            parts.append(f"unknown column(s) {', '.join(unknown)}")
+        if missing:
+            parts.append(f"missing column(s) {', '.join(missing)}")
+        if dupes:
+            parts.append(f"column(s) given twice: {', '.join(dupes)}")
+        raise Invalid(f"line 1: {'; '.join(parts)}. Columns: {', '.join(COLUMNS)}")
+    rows: list[_Row] = []
+    try:
+        for cells in reader:
+            line = reader.line_num
+            if not any(c.strip() for c in cells):
+                continue
+            if len(rows) >= MAX_ROWS:
+                raise Invalid(f"more than {MAX_ROWS} devices in one file: split it")
+            asset = cells[0].strip() if header[0] == "asset_id" and cells else None
+            if len(cells) != len(header):
+                problems.append(ImportRowError(line=line, asset_id=asset, field="(row)",
+                                               error=f"{len(cells)} cells, the header has {len(header)}"))
+                continue
+            raw = dict(zip(header, (c.strip() for c in cells), strict=True))
+            asset = raw.get("asset_id") or None
+            try:
+                rows.append(_Row(line, DeviceCreate.model_validate(_cells_to_fields(raw))))
+            except _CellError as exc:
+                problems.append(ImportRowError(line=line, asset_id=asset, field=exc.field, error=exc.message))
+            except ValidationError as exc:
+                for err in exc.errors():
+                    loc = [str(x) for x in err["loc"]]
+                    field = loc[0] if loc else "(row)"
+                    problems.append(ImportRowError(line=line, asset_id=asset, field=field,
+                                                   error=err["msg"].removeprefix("Value error, ")))
+    except csv.Error as exc:
+        raise Invalid(f"line {reader.line_num}: {exc}") from None
+    return rows
+
+
+class _CellError(Exception):
+    def __init__(self, field: str, message: str):
+        self.field, self.message = field, message
+
+
+def _cells_to_fields(raw: dict[str, str]) -> dict:
+    out: dict = {}
+    for key, value in raw.items():
+        if value == "":
+            continue
+        if key in ("addresses", "imsis"):
+            out[key] = [v.strip() for v in value.split(";") if v.strip()]
+        elif key == "ports":
+            ports = {}
+            for part in value.split(";"):
+                name, sep, num = part.partition("=")
+                if not sep or not num.strip().isdigit():
+                    raise _CellError("ports", f"{part!r} is not protocol=port")
+                ports[name.strip()] = int(num)
+            out[key] = ports
+        else:
+            out[key] = value
+    return out
+
+
+def _err(row: _Row, field: str, message: str) -> ImportRowError:
+    return ImportRowError(line=row.line, asset_id=row.device.asset_id, field=field, error=message)
