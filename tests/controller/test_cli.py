@@ -110,6 +110,7 @@ def enrol(ctl, cli, name: str) -> str:
 
 
 def test_login_stores_a_private_token_and_whoami_shows_the_roles(ctl, cli, caplog):
+    ctl.add_site("north-1")
     bob = ctl.add_user("bob", roles=[("engineer", "north-1"), ("approver", "north-1")])
     caplog.set_level("DEBUG")
     code = ctl.code(bob)
@@ -168,6 +169,10 @@ def test_logout_makes_the_old_token_useless(ctl, admin):
 
 
 def test_admin_manages_an_account_with_step_up_codes(ctl, admin):
+    res = admin("users", "add", "bob", "--display-name", "Bob Builder", "--role", "engineer@north-1",
+                "--password-stdin", "--totp", fresh(ctl), input=f"{PASSWORD}\n")
+    assert res.exit_code == 1 and "there is no site 'north-1'" in res.stderr  # a role needs its site to exist
+    ctl.add_site("north-1")
     res = admin("users", "add", "bob", "--display-name", "Bob Builder", "--role", "engineer@north-1",
                 input=f"{PASSWORD}\n{PASSWORD}\n{fresh(ctl)}\n")
     assert res.exit_code == 0, res.output
