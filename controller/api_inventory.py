@@ -11,7 +11,7 @@ from nodeagent.wire import SignedPassport
 
 from . import devicecsv, passports
 from .deps import AuthDep, CurrentPrincipal, Source, TotpHeader
-from .errors import Forbidden
+from .errors import Forbidden, NotFound
 from .identifiers import ASSET_ID, SITE_NAME
 from .inventory import MANAGE_ROLES, Inventory
 from .inventory_schemas import (
@@ -95,7 +95,9 @@ def add_agent(name: SiteName, body: AgentCreate, caller: CurrentPrincipal, auth:
                summary="Remove a node agent (its site_admin or admin, step-up)")
 def remove_agent(name: SiteName, agent: AgentName, caller: CurrentPrincipal, auth: AuthDep, inv: InventoryDep,
                  source: Source, totp_code: TotpHeader = None) -> Response:
-    _may_manage(inv, caller, name)
+    site = _may_manage(inv, caller, name)
+    if agent not in {a.name for a in site.agents}:
+        raise NotFound(f"site {name} has no agent {agent}")  # before the step-up, so no code is spent on it
     auth.step_up(caller, totp_code, "removing an agent", source)
     inv.remove_agent(caller, name, agent, source)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
@@ -190,7 +192,8 @@ def signing_key(_caller: CurrentPrincipal, auth: AuthDep) -> SigningKeyOut:
     return SigningKeyOut(key_id=key_id(raw), public_key=auth.keys.public_signing_key())
 
 
-def _may_manage(inv: Inventory, caller, name: str) -> None:
-    inv.get_site(caller, name)  # 404 first for sites the caller cannot see
+def _may_manage(inv: Inventory, caller, name: str) -> SitePublic:
+    site = inv.get_site(caller, name)  # 404 first for sites the caller cannot see
     if not caller.can(name, *MANAGE_ROLES):
         raise Forbidden(f"managing site {name} needs site_admin there (or admin)")
+    return site

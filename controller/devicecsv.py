@@ -6,7 +6,8 @@ asset ID and field; only a file without problems is written, in one transaction.
 
 Columns: asset_id, device_type, site, addresses, mac, iccid, eid, imsis, firmware, lifecycle,
 last_seen, ports, description. Lists are separated by ';' (addresses, imsis); ports are
-'protocol=port;…'. Empty cells are unset.
+'protocol=port;…'. Empty cells are unset. With `update`, an existing passport changes only in the
+columns the file has (an empty cell in a present column clears the field); a missing column keeps it.
 """
 
 from __future__ import annotations
@@ -23,13 +24,14 @@ from . import events
 from .auth import Principal
 from .db import transaction
 from .errors import Invalid
-from .inventory import DEVICE_FIELDS, Inventory, check_device
+from .inventory import DEVICE_FIELDS, MANAGE_ROLES, Inventory, check_device
 from .inventory_schemas import DeviceCreate, ImportResult, ImportRowError
 from .models import Device, Site
+from .policy_schemas import CSV_MAX_CHARS
 
 COLUMNS = ("asset_id", *DEVICE_FIELDS)
 REQUIRED = ("asset_id", "device_type", "site", "addresses")
-MAX_ROWS, MAX_BYTES = 100_000, 64 * 1024 * 1024
+MAX_ROWS, MAX_BYTES = 100_000, CSV_MAX_CHARS  # the API refuses a larger body first; this guards other callers
 
 
 class ImportRejected(Invalid):
@@ -49,21 +51,24 @@ class ImportRejected(Invalid):
 class _Row:
     line: int
     device: DeviceCreate
+    columns: frozenset[str]  # an update changes only these fields: an absent column keeps its value
 
 
 def import_devices(inventory: Inventory, caller: Principal, text: str, *, update_existing: bool = False,
                    dry_run: bool = False, source: str | None = None) -> ImportResult:
     policy = inventory.policies.require_active()
     if len(text) > MAX_BYTES:
-        raise Invalid(f"the file is larger than {MAX_BYTES // 1024 // 1024} MiB")
+        raise Invalid(f"the file is larger than {MAX_BYTES // 1024 // 1024} Mi characters: split it")
     problems: list[ImportRowError] = []
     rows = _parse(text, problems)
     now = inventory.auth.now()
     with transaction(inventory.factory) as s:
         sites = {site.name: site for site in s.scalars(select(Site))}
-        existing = {a: (i, ic, e) for i, a, ic, e in s.execute(select(Device.id, Device.asset_id, Device.iccid, Device.eid))}
+        site_names = {site.id: name for name, site in sites.items()}
+        existing = {a: (i, ic, e, site_names[sid])
+                    for i, a, ic, e, sid in s.execute(select(Device.id, Device.asset_id, Device.iccid, Device.eid, Device.site_id))}
         sim_owner = {}
-        for asset, (_id, ic, e) in existing.items():
+        for asset, (_id, ic, e, _site) in existing.items():
             if ic:
                 sim_owner[("iccid", ic)] = asset
             if e:
@@ -77,6 +82,8 @@ def import_devices(inventory: Inventory, caller: Principal, text: str, *, update
             seen_asset.setdefault(d.asset_id, row.line)
             if d.asset_id in existing and not update_existing:
                 problems.append(_err(row, "asset_id", "exists already (import with --update to change existing passports)"))
+            elif d.asset_id in existing and not caller.can(existing[d.asset_id][3], *MANAGE_ROLES):
+                problems.append(_err(row, "site", f"{d.asset_id} is at a site you do not manage; it cannot be changed or moved from here"))
             for p in check_device(caller, policy, d, sites.get(d.site), now=now):
                 problems.append(_err(row, p.field, p.error))
             for field in ("iccid", "eid"):
@@ -102,7 +109,8 @@ def import_devices(inventory: Inventory, caller: Principal, text: str, *, update
                 fresh.append({"asset_id": d.asset_id, **values, "revision": 1, "created_at": now, "updated_at": now})
                 created += 1
             else:
-                changed.append((existing[d.asset_id][0], values))
+                given = row.columns | {"site_id"}  # site is a required column
+                changed.append((existing[d.asset_id][0], {k: v for k, v in values.items() if k in given}))
         if changed:
             current = {dev.id: dev for dev in s.scalars(select(Device).where(Device.id.in_([i for i, _ in changed])))}
             for device_id, values in changed:
@@ -184,7 +192,7 @@ def _parse(text: str, problems: list[ImportRowError]) -> list[_Row]:
             raw = dict(zip(header, (c.strip() for c in cells), strict=True))
             asset = raw.get("asset_id") or None
             try:
-                rows.append(_Row(line, DeviceCreate.model_validate(_cells_to_fields(raw))))
+                rows.append(_Row(line, DeviceCreate.model_validate(_cells_to_fields(raw)), frozenset(header)))
             except _CellError as exc:
                 problems.append(ImportRowError(line=line, asset_id=asset, field=exc.field, error=exc.message))
             except ValidationError as exc:

@@ -10,6 +10,7 @@ import ipaddress
 from dataclasses import dataclass
 from datetime import timedelta
 
+from pydantic import ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -89,7 +90,7 @@ class Inventory:
         now = self.auth.now()
         with transaction(self.factory) as s:
             site = self._managed_site(s, caller, name, lock=True)
-            merged = SiteCreate.model_validate({**_site_fields(site), **changes, "name": site.name})
+            merged = _revalidate(SiteCreate, {**_site_fields(site), **changes, "name": site.name})
             if "tunnel_pool" in changes:
                 _check_pool(s, merged.tunnel_pool, site.id)
             if "lan_networks" in changes:
@@ -157,7 +158,7 @@ class Inventory:
             if lifecycle:
                 q = q.where(Device.lifecycle == lifecycle)
             if prefix:
-                q = q.where(Device.asset_id.startswith(prefix, autoescape=True))
+                q = q.where(func.substr(Device.asset_id, 1, len(prefix)) == prefix)  # LIKE ignores case on SQLite
             if after:
                 q = q.where(Device.asset_id > after)
             rows = list(s.scalars(q))
@@ -203,7 +204,7 @@ class Inventory:
             device = self._readable_device(s, caller, asset_id, lock=True)
             if not caller.can(device.site.name, *MANAGE_ROLES):
                 raise Forbidden(f"managing devices at site {device.site.name} needs site_admin there (or admin)")
-            merged = DeviceCreate.model_validate({**_device_fields(device), **changes, "asset_id": asset_id})
+            merged = _revalidate(DeviceCreate, {**_device_fields(device), **changes, "asset_id": asset_id})
             site = _site_by_name(s, merged.site)
             problems = check_device(caller, policy, merged, site, now=now)
             problems += _unique_sim(s, merged.iccid if "iccid" in changes else None, merged.eid if "eid" in changes else None, device.id)
@@ -269,8 +270,10 @@ class Inventory:
         return device
 
 
-class DeviceInvalid(Invalid):
-    code = "device_invalid"
+class FieldsInvalid(Invalid):
+    """Fields refused, each named (devices, and sites changed as a whole)."""
+
+    code = "invalid"
 
     def __init__(self, problems: list[FieldProblem]):
         super().__init__("; ".join(f"{p.field}: {p.error}" for p in problems))
@@ -311,9 +314,20 @@ def device_public(d: Device) -> DevicePublic:
                         description=d.description or "", revision=d.revision, created_at=d.created_at, updated_at=d.updated_at)
 
 
+def _revalidate(model, values: dict):
+    """The stored record with the changes applied, checked as a whole (e.g. port_max below the stored
+    port_min): a problem is the caller's, so 422 naming the field."""
+    try:
+        return model.model_validate(values)
+    except ValidationError as exc:
+        problems = [FieldProblem(".".join(str(x) for x in e["loc"]) or "(request)", e["msg"].removeprefix("Value error, "))
+                    for e in exc.errors()]
+        raise FieldsInvalid(problems) from None
+
+
 def _raise(problems: list[FieldProblem]) -> None:
     if problems:
-        raise DeviceInvalid(problems)
+        raise FieldsInvalid(problems)
 
 
 def _unique_sim(s: Session, iccid: str | None, eid: str | None, own_id: int | None) -> list[FieldProblem]:

@@ -6,7 +6,7 @@ import ipaddress
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, Field, StringConstraints, model_validator
+from pydantic import AfterValidator, BaseModel, Field, StringConstraints, field_validator, model_validator
 
 from . import identifiers as ids
 from .policy.model import _timezone
@@ -147,13 +147,13 @@ class DeviceFields(_In):
     ports: dict[ProtocolName, PortNumber] = Field(default_factory=dict, max_length=16, description="protocol → port, where the device differs from the catalogue")
     description: Label = ""
 
-    @model_validator(mode="after")
-    def _unique(self):
-        if len(set(self.addresses)) != len(self.addresses):
-            raise ValueError("an address is listed twice")
-        if len(set(self.imsis)) != len(self.imsis):
-            raise ValueError("an IMSI is listed twice")
-        return self
+    @field_validator("addresses", "imsis")
+    @classmethod
+    def _unique(cls, values: list[str]) -> list[str]:
+        twice = sorted({v for v in values if values.count(v) > 1})
+        if twice:
+            raise ValueError(f"{', '.join(twice)} listed twice")
+        return values
 
 
 class DeviceCreate(DeviceFields):

@@ -28,6 +28,8 @@ def _text(value):
 
 
 FileText = Annotated[str, BeforeValidator(_text), StringConstraints(max_length=4 * 1024 * 1024)]
+CSV_MAX_CHARS = 16 * 1024 * 1024  # about 110 000 passports; devicecsv.MAX_ROWS is 100 000
+CsvText = Annotated[str, BeforeValidator(_text), StringConstraints(max_length=CSV_MAX_CHARS)]
 
 
 class _Files(BaseModel):
@@ -142,7 +144,7 @@ class DecisionOut(BaseModel):
 
 
 class CsvImportIn(_Files):
-    csv: FileText
+    csv: CsvText
     update: bool = Field(default=False, description="change existing passports too (otherwise they are errors)")
     dry_run: bool = False
 

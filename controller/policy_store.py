@@ -1,14 +1,18 @@
 """The applied policy: apply a new version (admins, step-up), read the active one, history, diff.
 
 Applying refuses a policy that would strand the inventory (a device type still used by devices, a
-change window still named by a site): the error names them, and nothing changes. The active policy is
-cached per controller and re-read when another replica applies a newer one.
+change window still named by a site, a protocol still named in a device's ports): the error names
+them, and nothing changes. The active policy is cached per controller: an apply here takes effect at
+once, one on another replica within `refresh_seconds` (the newest version id is checked at most that
+often, so a decision costs no policy query).
 """
 
 from __future__ import annotations
 
 import threading
+import time
 
+from pydantic import ValidationError
 from sqlalchemy import func, select
 
 from . import events
@@ -18,27 +22,39 @@ from .errors import Conflict, Invalid, NotFound
 from .models import Device, PolicyVersion, Site
 from .policy import Policy, PolicyError, canonical, load_files
 from .policy.diff import diff
+from .policy.model import PolicyDocument
 
 
 class PolicyStore:
-    def __init__(self, auth: Auth):
+    def __init__(self, auth: Auth, refresh_seconds: float = 1.0):
         self.auth, self.factory = auth, auth.factory
+        self.refresh_seconds = refresh_seconds
         self._lock = threading.Lock()
         self._cached: tuple[int, Policy] | None = None
+        self._checked_at = float("-inf")  # time.monotonic() of the last look at the newest version id
 
     def active(self) -> Policy | None:
+        with self._lock:
+            if self._cached and time.monotonic() - self._checked_at < self.refresh_seconds:
+                return self._cached[1]
+        checked_at = time.monotonic()
         with self.factory() as s:
             latest = s.scalar(select(func.max(PolicyVersion.id)))
             if latest is None:
                 return None
             with self._lock:
                 if self._cached and self._cached[0] == latest:
+                    self._checked_at = checked_at
                     return self._cached[1]
-            row = s.get(PolicyVersion, latest)
-            policy = _load(row)
+            policy = _load(s.get(PolicyVersion, latest))
         with self._lock:
-            self._cached = (latest, policy)
+            self._cached, self._checked_at = (latest, policy), checked_at
         return policy
+
+    def latest_version(self) -> str | None:
+        """The newest applied version's hash, also when that version no longer loads (after an upgrade)."""
+        with self.factory() as s:
+            return s.scalar(select(PolicyVersion.version).order_by(PolicyVersion.id.desc()).limit(1))
 
     def require_active(self) -> Policy:
         policy = self.active()
@@ -54,26 +70,38 @@ class PolicyStore:
 
     def diff(self, files: dict[str, str]) -> tuple[Policy, list[str]]:
         candidate = self.check(files)
-        current = self.active()
-        return candidate, diff(current.canonical if current else None, candidate.canonical)
+        with self.factory() as s:
+            latest = s.scalar(select(PolicyVersion).order_by(PolicyVersion.id.desc()).limit(1))
+        return candidate, diff(latest.document if latest else None, candidate.canonical)
 
     def apply(self, actor: Principal, files: dict[str, str], comment: str, source: str | None) -> tuple[PolicyVersion, list[str]]:
+        """Apply files as the new version. A refusal after the step-up (the version is already active,
+        or the inventory would be stranded) is recorded as a failed policy.apply, then raised."""
         candidate = self.check(files)
         now = self.auth.now()
-        with transaction(self.factory) as s:
-            latest = s.scalar(select(PolicyVersion).order_by(PolicyVersion.id.desc()).limit(1).with_for_update())
-            if latest is not None and latest.version == candidate.version:
-                raise Conflict(f"this policy is already the active version ({candidate.version[:19]}…): nothing to apply")
-            _check_inventory(s, candidate)
-            changes = diff(latest.document if latest else None, candidate.canonical)
-            row = PolicyVersion(version=candidate.version, files=dict(files), document=candidate.canonical,
-                                comment=comment, applied_at=now, applied_by=actor.username)
-            s.add(row)
-            s.flush()
-            events.record(s, at=now, category="policy", type="policy.apply", result="success", actor_id=actor.user_id,
-                          actor=actor.username, subject=f"policy-{row.id}", source=source, version=candidate.version,
-                          previous=latest.version if latest else None, changes=changes[:200], change_count=len(changes),
-                          files=sorted(files))
+        try:
+            with transaction(self.factory) as s:
+                latest = s.scalar(select(PolicyVersion).order_by(PolicyVersion.id.desc()).limit(1).with_for_update())
+                if latest is not None and latest.version == candidate.version:
+                    raise Conflict(f"this policy is already the active version ({candidate.version[:19]}…): nothing to apply")
+                _check_inventory(s, candidate)
+                changes = diff(latest.document if latest else None, candidate.canonical)
+                row = PolicyVersion(version=candidate.version, files=dict(files), document=candidate.canonical,
+                                    comment=comment, applied_at=now, applied_by=actor.username)
+                s.add(row)
+                s.flush()
+                events.record(s, at=now, category="policy", type="policy.apply", result="success", actor_id=actor.user_id,
+                              actor=actor.username, subject=f"policy-{row.id}", source=source, version=candidate.version,
+                              previous=latest.version if latest else None, changes=changes[:200], change_count=len(changes),
+                              files=sorted(files))
+        except Conflict as exc:
+            with transaction(self.factory) as s:
+                events.record(s, at=now, category="policy", type="policy.apply", result="failure", actor_id=actor.user_id,
+                              actor=actor.username, subject=None, source=source, version=candidate.version,
+                              reason=exc.detail, files=sorted(files))
+            raise
+        with self._lock:
+            self._cached = None  # this replica uses the new version from its next decision
         return row, changes
 
     def history(self) -> list[PolicyVersion]:
@@ -102,11 +130,17 @@ class PolicyInvalid(Invalid):
 
 
 def _load(row: PolicyVersion) -> Policy:
-    policy = load_files(row.files)
-    if policy.version != row.version or canonical(policy.document) != row.document:
-        # The loader changed meaning under a stored policy (an upgrade): refuse rather than guess.
-        raise Conflict(f"stored policy {row.id} no longer loads to version {row.version}: re-apply it")
-    return policy
+    """The policy exactly as applied: its stored canonical content, not its files read again, so a
+    newer controller's defaults or catalogue never change what an applied version means."""
+    try:
+        document = PolicyDocument.model_validate(row.document)
+    except ValidationError:
+        raise Conflict(f"the active policy ({row.version[:19]}…) does not fit this controller version: "
+                       "check and re-apply the policy files") from None
+    if canonical(document) != row.document:
+        raise Conflict(f"the active policy ({row.version[:19]}…) means something else to this controller version: "
+                       "check and re-apply the policy files")
+    return Policy(document, row.version, dict(row.files))
 
 
 def _check_inventory(s, candidate: Policy) -> None:
@@ -116,6 +150,10 @@ def _check_inventory(s, candidate: Policy) -> None:
         if dtype not in doc.device_types:
             sample = s.scalars(select(Device.asset_id).where(Device.device_type == dtype).order_by(Device.asset_id).limit(3)).all()
             problems.append(f"device type {dtype!r} is still used by {count} device(s) ({', '.join(sample)}{', …' if count > 3 else ''})")
+    for asset_id, ports in s.execute(select(Device.asset_id, Device.ports)):
+        gone = sorted(p for p in (ports or {}) if p not in doc.protocols)
+        if gone:
+            problems.append(f"device {asset_id} has a port override for protocol(s) {', '.join(gone)}")
     for site in s.scalars(select(Site)):
         gone = [w for w in site.change_windows if w not in doc.change_windows]
         if gone:

@@ -8,6 +8,7 @@ from datetime import timedelta
 _PART = re.compile(r"(\d+)([dhms])")
 _WHOLE = re.compile(r"^(?:\d+[dhms])+$")
 _UNIT = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+MAX = timedelta(days=366)  # longer than any access window or silence limit a policy can mean
 
 
 def parse_duration(text: object) -> timedelta:
@@ -18,6 +19,8 @@ def parse_duration(text: object) -> timedelta:
     seconds = sum(int(n) * _UNIT[u] for n, u in _PART.findall(text.strip()))
     if seconds <= 0:
         raise ValueError(f"{text!r} is not a positive duration")
+    if seconds > MAX.total_seconds():
+        raise ValueError(f"{text!r} is longer than {MAX.days}d, the longest duration wicket accepts")
     return timedelta(seconds=seconds)
 
 

@@ -27,7 +27,6 @@ CHECKS = (
 )
 PASS, FAIL, NOT_APPLICABLE, NOT_EVALUATED = "pass", "fail", "not_applicable", "not_evaluated"
 ALLOW, ALLOW_WITH_APPROVAL, DENY = "allow", "allow_with_approval", "deny"
-REQUESTING_ROLES = ("engineer", "contractor")
 
 
 # ---- facts in ----
@@ -183,7 +182,8 @@ class _Context:
         self.task: Task | None = self.doc.tasks.get(request.task)
         self.device_type = self.doc.device_types.get(request.device.device_type)
         self.roles_here = request.user.roles_at(request.device.site)
-        self.duration: timedelta | None = request.duration or (self.task.duration.default if self.task else None)
+        self.duration: timedelta | None = (request.duration if request.duration is not None
+                                           else self.task.duration.default if self.task else None)
         self.access: tuple[Access, ...] = ()
 
 
@@ -266,7 +266,7 @@ def _check_device_seen(ctx: _Context) -> Check:
     if age > limit:
         return Check("device_seen", FAIL, f"{d.asset_id} was last seen {format_duration(age)} ago ({_human(d.last_seen)}); "
                      f"the policy allows at most {format_duration(limit)}", inputs)
-    return Check("device_seen", PASS, f"last seen {format_duration(age) if age > timedelta(0) else 'just now'} ago", inputs)
+    return Check("device_seen", PASS, f"last seen {format_duration(age)} ago" if age > timedelta(0) else "last seen just now", inputs)
 
 
 def _check_protocol(ctx: _Context) -> Check:
@@ -351,7 +351,7 @@ def _check_duration(ctx: _Context) -> Check:
     if ctx.task is None:
         return _unknown_task("duration")
     limits, asked, u = ctx.task.duration, ctx.r.duration, ctx.r.user
-    inputs = {"requested": format_duration(asked) if asked else None, "default": format_duration(limits.default),
+    inputs = {"requested": format_duration(asked) if asked is not None else None, "default": format_duration(limits.default),
               "max": format_duration(limits.max)}
     if asked is not None and asked <= timedelta(0):
         return Check("duration", FAIL, "the duration must be positive", inputs)
@@ -360,7 +360,7 @@ def _check_duration(ctx: _Context) -> Check:
     end = ctx.r.at + ctx.duration
     if u.valid_until and end > u.valid_until:
         return Check("duration", FAIL, f"the session would end at {_human(end)}, after the account's validity ends at {_human(u.valid_until)}", inputs)
-    return Check("duration", PASS, f"{format_duration(ctx.duration)}{'' if asked else ' (the task default)'}, "
+    return Check("duration", PASS, f"{format_duration(ctx.duration)}{'' if asked is not None else ' (the task default)'}, "
                  f"within the maximum {format_duration(limits.max)}", inputs)
 
 

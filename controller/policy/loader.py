@@ -79,10 +79,11 @@ def load_files(files: dict[str, str]) -> Policy:
             parsed.append(parse(name, files[name]))
         except PolicyError as exc:
             problems.extend(exc.problems)
+    unreadable = bool(problems)
     merged, origin = _merge(parsed, problems)
     document = _validate(merged, origin, problems)
-    if document is not None:
-        _cross_check(document, origin, problems)
+    if document is not None and not unreadable:  # references into an unreadable file would be reported as dangling
+        _cross_check(document, {section: set(merged[section]) for section in SECTIONS}, origin, problems)
     if problems:
         raise PolicyError(problems)
     canon = canonical(document)
@@ -108,7 +109,7 @@ def _merge(parsed: list[Located], problems: list[str]) -> tuple[dict, _Origin]:
         if not isinstance(data, dict):
             problems.append(f"{f.where(())}: a policy file is a mapping of sections ({', '.join(sorted(_TOP))})")
             continue
-        if data.get("wicket_policy") != FORMAT:
+        if data.get("wicket_policy") != FORMAT or type(data.get("wicket_policy")) is not int:  # True == 1 in Python
             problems.append(f"{f.where(('wicket_policy',))}: every policy file starts with `wicket_policy: {FORMAT}` (the format version)")
         for key, value in data.items():
             if key not in _TOP:
@@ -135,8 +136,9 @@ def _merge(parsed: list[Located], problems: list[str]) -> tuple[dict, _Origin]:
 
 
 def _validate(merged: dict, origin: _Origin, problems: list[str]) -> PolicyDocument | None:
+    """The document of every entry that validates (problems name the others), so that references can
+    still be checked; None only if even that cannot be built."""
     entries: dict = {}
-    before = len(problems)
     for section in SECTIONS:
         entries[section] = {}
         for name, value in merged[section].items():
@@ -153,9 +155,11 @@ def _validate(merged: dict, origin: _Origin, problems: list[str]) -> PolicyDocum
             entries["limits"] = Limits.model_validate(merged["limits"])
         except ValidationError as exc:
             _report(exc, ("limits",), origin[("limits", "")], problems)
-    if len(problems) > before:
+    try:
+        return PolicyDocument(**entries)
+    except ValidationError as exc:
+        _report(exc, (), origin.get(("limits", "")) or next(iter(origin.values())), problems)
         return None
-    return PolicyDocument(**entries)
 
 
 def _report(exc: ValidationError, prefix: tuple, located: Located, problems: list[str]) -> None:
@@ -168,29 +172,32 @@ def _report(exc: ValidationError, prefix: tuple, located: Located, problems: lis
         problems.append(f"{located.where(path)}: {path_text(path)}: {message}")
 
 
-def _cross_check(doc: PolicyDocument, origin: _Origin, problems: list[str]) -> None:
+def _cross_check(doc: PolicyDocument, known: dict[str, set], origin: _Origin, problems: list[str]) -> None:
+    """References between entries. `known`: every entry's name, also of entries that failed their
+    schema (those are reported already, and a reference to them is not dangling)."""
     def bad(section: str, name: str, path: tuple, message: str) -> None:
         full = (section, name, *path)
         problems.append(f"{origin[(section, name)].where(full)}: {path_text(full)}: {message}")
 
     for name, dt in doc.device_types.items():
         for i, proto in enumerate(dt.access):
-            if proto not in doc.protocols:
+            if proto not in known["protocols"]:
                 bad("device_types", name, ("access", i), f"unknown protocol {proto!r}")
         for i, flow in enumerate(dt.baseline):
-            if flow.protocol not in doc.protocols:
+            if flow.protocol not in known["protocols"]:
                 bad("device_types", name, ("baseline", i, "protocol"), f"unknown protocol {flow.protocol!r}")
             for j, dest in enumerate(flow.to):
-                if dest not in doc.destinations:
+                if dest not in known["destinations"]:
                     bad("device_types", name, ("baseline", i, "to", j), f"unknown destination {dest!r}")
     for name, task in doc.tasks.items():
         for i, proto in enumerate(task.protocols):
-            if proto not in doc.protocols:
+            if proto not in known["protocols"]:
                 bad("tasks", name, ("protocols", i), f"unknown protocol {proto!r}")
         for i, dt_name in enumerate(task.device_types):
+            if dt_name not in known["device_types"]:
+                bad("tasks", name, ("device_types", i), f"unknown device type {dt_name!r}")
             dt = doc.device_types.get(dt_name)
             if dt is None:
-                bad("tasks", name, ("device_types", i), f"unknown device type {dt_name!r}")
                 continue
             for proto in task.protocols:
                 if proto in doc.protocols and proto not in dt.access:
@@ -201,7 +208,7 @@ def _cross_check(doc: PolicyDocument, origin: _Origin, problems: list[str]) -> N
             bad("tasks", name, ("extensions", "max_total"), "the maximum duration plus max_total exceeds 24h")
     for name, loc in doc.locations.items():
         for i, t in enumerate(loc.tasks):
-            if t not in doc.tasks:
+            if t not in known["tasks"]:
                 bad("locations", name, ("tasks", i), f"unknown task {t!r}")
 
 

@@ -27,7 +27,6 @@ from pydantic import (
 from .durations import format_duration, parse_duration
 
 FORMAT = 1
-ROLES_THAT_REQUEST = ("engineer", "contractor", "approver", "site_admin", "soc", "admin")
 MAX_SESSION = timedelta(hours=24)
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 
@@ -175,7 +174,7 @@ class Task(_Entry):
     protocols: list[ProtocolName] = Field(min_length=1, max_length=4)
     device_types: list[Name] = Field(min_length=1, max_length=64)
     roles: list[Role] = Field(min_length=1)
-    duration: DurationLimits = DurationLimits(default=timedelta(minutes=30), max=timedelta(minutes=60))
+    duration: DurationLimits = DurationLimits(default=timedelta(minutes=15), max=timedelta(minutes=60))
     approval: Approval = Approval()
     recording: Literal["metadata", "payload"] = "metadata"
     change_window: bool = Field(default=False, description="the session must lie inside one of the site's change windows")
