@@ -9,11 +9,13 @@ against an initialised controller with a clock the test moves.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import secrets
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import psycopg
 import pyotp
@@ -25,6 +27,13 @@ from controller.bootstrap import init
 from controller.settings import load
 
 PASSWORD = "correct horse battery staple"
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE_POLICY = REPO / "docs" / "policy-example"
+
+
+def example_policy_files() -> dict[str, str]:
+    """The commented example policy of docs/policy.md: three device types, four tasks."""
+    return {p.name: p.read_text() for p in sorted(EXAMPLE_POLICY.glob("*.yaml"))}
 
 
 @dataclass
@@ -126,6 +135,30 @@ class Harness:
             assert res.status_code == 200, res.text
             person.secret = _secret(res.json()["otpauth_uri"])
         return person
+
+    def apply_policy(self, files: dict[str, str] | None = None, comment: str = "test policy") -> dict:
+        """Apply policy files (default: the example policy) as the admin."""
+        res = self.client.post("/api/v1/policy/apply", json={"files": files or example_policy_files(), "comment": comment},
+                               headers=self.step_up_admin())
+        assert res.status_code == 200, res.text
+        return res.json()
+
+    def add_site(self, name: str, **fields) -> dict:
+        """A site, created by the admin. Tunnel pools are distinct per name unless given."""
+        n = int(hashlib.sha256(name.encode()).hexdigest()[:4], 16) % 1000
+        body = {"name": name, "display_name": name.title(), "time_zone": "UTC",
+                "tunnel_pool": f"100.{64 + n // 250}.{(n % 250)}.0/24", "port_min": 51000, "port_max": 51999,
+                "public_endpoint": "203.0.113.1", **fields}
+        res = self.client.post("/api/v1/sites", json=body, headers=self.step_up_admin())
+        assert res.status_code == 201, res.text
+        return res.json()
+
+    def add_device(self, asset_id: str, site: str, device_type: str = "substation-rtu", **fields) -> dict:
+        body = {"asset_id": asset_id, "site": site, "device_type": device_type, "addresses": ["10.20.0.17"],
+                "lifecycle": "active", **fields}
+        res = self.client.post("/api/v1/devices", json=body, headers=self.step_up_admin())
+        assert res.status_code == 201, res.text
+        return res.json()
 
     def events(self, **params) -> list[dict]:
         res = self.client.get("/api/v1/events", params={"limit": 1000, **params}, headers=self.auth(self.admin_token()))

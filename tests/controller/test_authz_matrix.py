@@ -4,13 +4,20 @@ else's object (and the caller's own, and one that does not exist).
 The table below is the specification. A route the application serves but the table does not list fails
 the test, so a new endpoint cannot ship without someone deciding who may call it.
 
-Beyond the status code, every refused call is checked for side effects: no account changed, no account
-event written, no step-up recorded, and the step-up code the caller sent is still unused afterwards
-(refusal happens before the second factor is touched).
+Beyond the status code, every refused call is checked for side effects: no account, site, agent, device
+or policy changed, no account, inventory or policy event written, no step-up recorded, and the step-up
+code the caller sent is still unused afterwards (refusal happens before the second factor is touched).
+Scoped reads that succeed are checked for what they show: a list names only the caller's sites.
+
+Cells where the application disagrees with the table today are `KNOWN_BUGS`: the matrix tolerates exactly
+the answer each gives now, and each has a strict xfail test (`test_known_authorisation_bug`) that fails
+once it is fixed, so that its entry is removed.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import itertools
 import re
 import secrets
@@ -21,57 +28,147 @@ import fastapi.routing
 import pytest
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 
-from controller.models import Event
+from controller.models import (
+    Device,
+    Event,
+    NodeAgent,
+    PolicyVersion,
+    RecoveryCode,
+    RoleGrant,
+    Site,
+    Throttle,
+    UsedTotp,
+    User,
+)
 
-from .conftest import Harness, Person
+from .conftest import Harness, Person, example_policy_files
 
 API = "/api/v1"
-SITE = "north-1"
+SITE = "north-1"  # where engineer, contractor, approver and site_admin hold their roles
+OTHER_SITE = "south-2"  # where engineer_s2 and site_admin_s2 hold theirs
+NO_SITE = "nowhere-9"
 MISSING_ID = 987_654
+MISSING_ASSET = "NO-SUCH-ASSET"
+TASK = "iec104-diagnostics"
 
-CALLERS = ("anon", "garbage", "forged", "engineer", "contractor", "approver", "site_admin", "soc", "admin")
+CALLERS = ("anon", "garbage", "forged", "engineer", "engineer_s2", "contractor", "approver", "site_admin",
+           "site_admin_s2", "soc", "admin")
 PEOPLE = CALLERS[3:]  # callers with an account (the others have no identity at all)
 _ = None  # not applicable: this caller has no "self" to use here
 
-# Row key: "METHOD path" for routes that act on the caller; "METHOD path @target" where the request can
-# name an object: @other = someone else's account, @self = the caller's own, @missing = no such account.
-# For /auth/login, @self logs in with the caller's own credentials, @other with someone else's user name
-# (and the caller's own password and code).
+# Row key: "METHOD path" for routes that act on the caller (or on nothing in particular);
+# "METHOD path @target" where the request names an object:
+#   accounts: @other = someone else's account, @self = the caller's own, @missing = no such account
+#     (for /auth/login, @self logs in with the caller's own credentials, @other with someone else's user
+#     name and the caller's own password and code);
+#   sites, agents, devices: @north = the object at north-1, @south = at south-2 (for lists: ?site=),
+#     @missing = no such site or device, @empty = a site with nothing in it;
+#   policy versions and tasks: @existing, @missing;
+#   attacks, each explained in `World.request_for`: @south-agent-via-north, @north-to-south,
+#     @south-to-north, @other-user, @other-user-south, @missing-user.
 # fmt: off
-#                                                       anon garb forg  eng  con appr sadm  soc  adm
+#                                                                anon garb forg  eng eng2  con appr sadm sad2  soc  adm
 _ROWS = {
-    "POST /api/v1/auth/login @self":                    (_,   _,   _,   200, 200, 200, 200, 200, 200),
-    "POST /api/v1/auth/login @other":                   (401, 401, 401, 401, 401, 401, 401, 401, 401),
-    "GET /api/v1/auth/whoami":                          (401, 401, 401, 200, 200, 200, 200, 200, 200),
-    "POST /api/v1/auth/recovery-codes":                 (401, 401, 401, 200, 200, 200, 200, 200, 200),
-    "POST /api/v1/auth/password":                       (401, 401, 401, 204, 204, 204, 204, 204, 204),
-    "POST /api/v1/auth/logout":                         (401, 401, 401, 204, 204, 204, 204, 204, 204),
-    "GET /api/v1/events":                               (401, 401, 401, 403, 403, 403, 403, 200, 200),
-    "GET /api/v1/users":                                (401, 401, 401, 403, 403, 403, 403, 403, 200),
-    "POST /api/v1/users":                               (401, 401, 401, 403, 403, 403, 403, 403, 201),
-    "GET /api/v1/users/{user_id} @other":               (401, 401, 401, 403, 403, 403, 403, 403, 200),
-    "GET /api/v1/users/{user_id} @self":                (401, 401, 401, 403, 403, 403, 403, 403, 200),
-    "GET /api/v1/users/{user_id} @missing":             (401, 401, 401, 403, 403, 403, 403, 403, 404),
-    "PUT /api/v1/users/{user_id}/roles @other":         (401, 401, 401, 403, 403, 403, 403, 403, 200),
-    "PUT /api/v1/users/{user_id}/roles @self":          (401, 401, 401, 403, 403, 403, 403, 403, 200),
-    "PUT /api/v1/users/{user_id}/roles @missing":       (401, 401, 401, 403, 403, 403, 403, 403, 404),
-    "POST /api/v1/users/{user_id}/totp @other":         (401, 401, 401, 403, 403, 403, 403, 403, 200),
-    "POST /api/v1/users/{user_id}/totp @self":          (401, 401, 401, 403, 403, 403, 403, 403, 200),
-    "POST /api/v1/users/{user_id}/totp @missing":       (401, 401, 401, 403, 403, 403, 403, 403, 404),
-    "PUT /api/v1/users/{user_id}/password @other":      (401, 401, 401, 403, 403, 403, 403, 403, 204),
-    "PUT /api/v1/users/{user_id}/password @self":       (401, 401, 401, 403, 403, 403, 403, 403, 204),
-    "PUT /api/v1/users/{user_id}/password @missing":    (401, 401, 401, 403, 403, 403, 403, 403, 404),
-    "POST /api/v1/users/{user_id}/disable @other":      (401, 401, 401, 403, 403, 403, 403, 403, 200),
-    "POST /api/v1/users/{user_id}/disable @self":       (401, 401, 401, 403, 403, 403, 403, 403, 409),
-    "POST /api/v1/users/{user_id}/disable @missing":    (401, 401, 401, 403, 403, 403, 403, 403, 404),
-    "POST /api/v1/users/{user_id}/enable @other":       (401, 401, 401, 403, 403, 403, 403, 403, 200),
-    "POST /api/v1/users/{user_id}/enable @self":        (401, 401, 401, 403, 403, 403, 403, 403, 200),
-    "POST /api/v1/users/{user_id}/enable @missing":     (401, 401, 401, 403, 403, 403, 403, 403, 404),
-    "DELETE /api/v1/users/{user_id} @missing":          (401, 401, 401, 403, 403, 403, 403, 403, 404),
-    "DELETE /api/v1/users/{user_id} @self":             (401, 401, 401, 403, 403, 403, 403, 403, 409),
-    "DELETE /api/v1/users/{user_id} @other":            (401, 401, 401, 403, 403, 403, 403, 403, 204),
+    "POST /api/v1/auth/login @self":                               (_,   _,   _,   200, 200, 200, 200, 200, 200, 200, 200),
+    "POST /api/v1/auth/login @other":                              (401, 401, 401, 401, 401, 401, 401, 401, 401, 401, 401),
+    "GET /api/v1/auth/whoami":                                     (401, 401, 401, 200, 200, 200, 200, 200, 200, 200, 200),
+    "POST /api/v1/auth/recovery-codes":                            (401, 401, 401, 200, 200, 200, 200, 200, 200, 200, 200),
+    "POST /api/v1/auth/password":                                  (401, 401, 401, 204, 204, 204, 204, 204, 204, 204, 204),
+    "POST /api/v1/auth/logout":                                    (401, 401, 401, 204, 204, 204, 204, 204, 204, 204, 204),
+    "GET /api/v1/events":                                          (401, 401, 401, 403, 403, 403, 403, 403, 403, 200, 200),
+    # sites and their agents: reading needs a role at the site (else 404); changes: site_admin there or admin
+    "GET /api/v1/sites":                                           (401, 401, 401, 200, 200, 200, 200, 200, 200, 200, 200),
+    "POST /api/v1/sites":                                          (401, 401, 401, 403, 403, 403, 403, 403, 403, 403, 201),
+    "GET /api/v1/sites/{name} @north":                             (401, 401, 401, 200, 404, 200, 200, 200, 404, 200, 200),
+    "GET /api/v1/sites/{name} @south":                             (401, 401, 401, 404, 200, 404, 404, 404, 200, 200, 200),
+    "GET /api/v1/sites/{name} @missing":                           (401, 401, 401, 404, 404, 404, 404, 404, 404, 404, 404),
+    "PATCH /api/v1/sites/{name} @north":                           (401, 401, 401, 403, 404, 403, 403, 200, 404, 403, 200),
+    "PATCH /api/v1/sites/{name} @south":                           (401, 401, 401, 404, 403, 404, 404, 404, 200, 403, 200),
+    "PATCH /api/v1/sites/{name} @missing":                         (401, 401, 401, 404, 404, 404, 404, 404, 404, 404, 404),
+    "DELETE /api/v1/sites/{name} @empty":                          (401, 401, 401, 404, 404, 404, 404, 404, 404, 403, 204),
+    "DELETE /api/v1/sites/{name} @north":                          (401, 401, 401, 403, 404, 403, 403, 403, 404, 403, 409),
+    "DELETE /api/v1/sites/{name} @south":                          (401, 401, 401, 404, 403, 404, 404, 404, 403, 403, 409),
+    "DELETE /api/v1/sites/{name} @missing":                        (401, 401, 401, 404, 404, 404, 404, 404, 404, 404, 404),
+    "POST /api/v1/sites/{name}/agents @north":                     (401, 401, 401, 403, 404, 403, 403, 201, 404, 403, 201),
+    "POST /api/v1/sites/{name}/agents @south":                     (401, 401, 401, 404, 403, 404, 404, 404, 201, 403, 201),
+    "POST /api/v1/sites/{name}/agents @missing":                   (401, 401, 401, 404, 404, 404, 404, 404, 404, 404, 404),
+    "DELETE /api/v1/sites/{name}/agents/{agent} @north":           (401, 401, 401, 403, 404, 403, 403, 204, 404, 403, 204),
+    "DELETE /api/v1/sites/{name}/agents/{agent} @south":           (401, 401, 401, 404, 403, 404, 404, 404, 204, 403, 204),
+    "DELETE /api/v1/sites/{name}/agents/{agent} @missing":         (401, 401, 401, 404, 404, 404, 404, 404, 404, 404, 404),
+    "DELETE /api/v1/sites/{name}/agents/{agent} @south-agent-via-north":
+                                                                   (401, 401, 401, 403, 404, 403, 403, 404, 404, 403, 404),
+    # devices: the same scoping; export: site_admin, soc, admin (of what they can read)
+    "GET /api/v1/devices":                                         (401, 401, 401, 200, 200, 200, 200, 200, 200, 200, 200),
+    "GET /api/v1/devices @south":                                  (401, 401, 401, 200, 200, 200, 200, 200, 200, 200, 200),
+    "POST /api/v1/devices @north":                                 (401, 401, 401, 403, 403, 403, 403, 201, 403, 403, 201),
+    "POST /api/v1/devices @south":                                 (401, 401, 401, 403, 403, 403, 403, 403, 201, 403, 201),
+    "POST /api/v1/devices @missing":                               (401, 401, 401, 403, 403, 403, 403, 403, 403, 403, 422),
+    "POST /api/v1/devices/import @north":                          (401, 401, 401, 403, 403, 403, 403, 200, 422, 403, 200),
+    "POST /api/v1/devices/import @south":                          (401, 401, 401, 403, 403, 403, 403, 422, 200, 403, 200),
+    "POST /api/v1/devices/import @missing":                        (401, 401, 401, 403, 403, 403, 403, 422, 422, 403, 422),
+    "POST /api/v1/devices/import @south-to-north":                 (401, 401, 401, 403, 403, 403, 403, 422, 422, 403, 200),
+    "GET /api/v1/devices/export":                                  (401, 401, 401, 403, 403, 403, 403, 200, 200, 200, 200),
+    "GET /api/v1/devices/export @south":                           (401, 401, 401, 403, 403, 403, 403, 200, 200, 200, 200),
+    "GET /api/v1/devices/{asset_id} @north":                       (401, 401, 401, 200, 404, 200, 200, 200, 404, 200, 200),
+    "GET /api/v1/devices/{asset_id} @south":                       (401, 401, 401, 404, 200, 404, 404, 404, 200, 200, 200),
+    "GET /api/v1/devices/{asset_id} @missing":                     (401, 401, 401, 404, 404, 404, 404, 404, 404, 404, 404),
+    "PATCH /api/v1/devices/{asset_id} @north":                     (401, 401, 401, 403, 404, 403, 403, 200, 404, 403, 200),
+    "PATCH /api/v1/devices/{asset_id} @south":                     (401, 401, 401, 404, 403, 404, 404, 404, 200, 403, 200),
+    "PATCH /api/v1/devices/{asset_id} @missing":                   (401, 401, 401, 404, 404, 404, 404, 404, 404, 404, 404),
+    "PATCH /api/v1/devices/{asset_id} @north-to-south":            (401, 401, 401, 403, 404, 403, 403, 403, 404, 403, 200),
+    "DELETE /api/v1/devices/{asset_id} @north":                    (401, 401, 401, 403, 404, 403, 403, 204, 404, 403, 204),
+    "DELETE /api/v1/devices/{asset_id} @south":                    (401, 401, 401, 404, 403, 404, 404, 404, 204, 403, 204),
+    "DELETE /api/v1/devices/{asset_id} @missing":                  (401, 401, 401, 404, 404, 404, 404, 404, 404, 404, 404),
+    "GET /api/v1/devices/{asset_id}/passport @north":              (401, 401, 401, 200, 404, 200, 200, 200, 404, 200, 200),
+    "GET /api/v1/devices/{asset_id}/passport @south":              (401, 401, 401, 404, 200, 404, 404, 404, 200, 200, 200),
+    "GET /api/v1/devices/{asset_id}/passport @missing":            (401, 401, 401, 404, 404, 404, 404, 404, 404, 404, 404),
+    "GET /api/v1/controller/signing-key":                          (401, 401, 401, 200, 200, 200, 200, 200, 200, 200, 200),
+    # policy: everyone logged in reads and checks it; admins apply it
+    "POST /api/v1/policy/check":                                   (401, 401, 401, 200, 200, 200, 200, 200, 200, 200, 200),
+    "POST /api/v1/policy/diff":                                    (401, 401, 401, 200, 200, 200, 200, 200, 200, 200, 200),
+    "POST /api/v1/policy/apply":                                   (401, 401, 401, 403, 403, 403, 403, 403, 403, 403, 200),
+    "GET /api/v1/policy":                                          (401, 401, 401, 200, 200, 200, 200, 200, 200, 200, 200),
+    "GET /api/v1/policy/history":                                  (401, 401, 401, 200, 200, 200, 200, 200, 200, 200, 200),
+    "GET /api/v1/policy/versions/{policy_id} @existing":           (401, 401, 401, 200, 200, 200, 200, 200, 200, 200, 200),
+    "GET /api/v1/policy/versions/{policy_id} @missing":            (401, 401, 401, 404, 404, 404, 404, 404, 404, 404, 404),
+    "GET /api/v1/protocols":                                       (401, 401, 401, 200, 200, 200, 200, 200, 200, 200, 200),
+    "GET /api/v1/device-types":                                    (401, 401, 401, 200, 200, 200, 200, 200, 200, 200, 200),
+    "GET /api/v1/tasks":                                           (401, 401, 401, 200, 200, 200, 200, 200, 200, 200, 200),
+    "GET /api/v1/tasks/{name} @existing":                          (401, 401, 401, 200, 200, 200, 200, 200, 200, 200, 200),
+    "GET /api/v1/tasks/{name} @missing":                           (401, 401, 401, 404, 404, 404, 404, 404, 404, 404, 404),
+    # a dry run for yourself on a device you can read (else 404, first); for someone else: admin, soc, approver
+    "POST /api/v1/policy/evaluate @north":                         (401, 401, 401, 200, 404, 200, 200, 200, 404, 200, 200),
+    "POST /api/v1/policy/evaluate @south":                         (401, 401, 401, 404, 200, 404, 404, 404, 200, 200, 200),
+    "POST /api/v1/policy/evaluate @missing":                       (401, 401, 401, 404, 404, 404, 404, 404, 404, 404, 404),
+    "POST /api/v1/policy/evaluate @other-user":                    (401, 401, 401, 403, 404, 403, 200, 403, 404, 200, 200),
+    "POST /api/v1/policy/evaluate @other-user-south":              (401, 401, 401, 404, 403, 404, 404, 404, 403, 200, 200),
+    "POST /api/v1/policy/evaluate @missing-user":                  (401, 401, 401, 403, 404, 403, 404, 403, 404, 404, 404),
+    # accounts: admins only (the last row deletes the account the others aim at)
+    "GET /api/v1/users":                                           (401, 401, 401, 403, 403, 403, 403, 403, 403, 403, 200),
+    "POST /api/v1/users":                                          (401, 401, 401, 403, 403, 403, 403, 403, 403, 403, 201),
+    "GET /api/v1/users/{user_id} @other":                          (401, 401, 401, 403, 403, 403, 403, 403, 403, 403, 200),
+    "GET /api/v1/users/{user_id} @self":                           (401, 401, 401, 403, 403, 403, 403, 403, 403, 403, 200),
+    "GET /api/v1/users/{user_id} @missing":                        (401, 401, 401, 403, 403, 403, 403, 403, 403, 403, 404),
+    "PUT /api/v1/users/{user_id}/roles @other":                    (401, 401, 401, 403, 403, 403, 403, 403, 403, 403, 200),
+    "PUT /api/v1/users/{user_id}/roles @self":                     (401, 401, 401, 403, 403, 403, 403, 403, 403, 403, 200),
+    "PUT /api/v1/users/{user_id}/roles @missing":                  (401, 401, 401, 403, 403, 403, 403, 403, 403, 403, 404),
+    "POST /api/v1/users/{user_id}/totp @other":                    (401, 401, 401, 403, 403, 403, 403, 403, 403, 403, 200),
+    "POST /api/v1/users/{user_id}/totp @self":                     (401, 401, 401, 403, 403, 403, 403, 403, 403, 403, 200),
+    "POST /api/v1/users/{user_id}/totp @missing":                  (401, 401, 401, 403, 403, 403, 403, 403, 403, 403, 404),
+    "PUT /api/v1/users/{user_id}/password @other":                 (401, 401, 401, 403, 403, 403, 403, 403, 403, 403, 204),
+    "PUT /api/v1/users/{user_id}/password @self":                  (401, 401, 401, 403, 403, 403, 403, 403, 403, 403, 204),
+    "PUT /api/v1/users/{user_id}/password @missing":               (401, 401, 401, 403, 403, 403, 403, 403, 403, 403, 404),
+    "POST /api/v1/users/{user_id}/disable @other":                 (401, 401, 401, 403, 403, 403, 403, 403, 403, 403, 200),
+    "POST /api/v1/users/{user_id}/disable @self":                  (401, 401, 401, 403, 403, 403, 403, 403, 403, 403, 409),
+    "POST /api/v1/users/{user_id}/disable @missing":               (401, 401, 401, 403, 403, 403, 403, 403, 403, 403, 404),
+    "POST /api/v1/users/{user_id}/enable @other":                  (401, 401, 401, 403, 403, 403, 403, 403, 403, 403, 200),
+    "POST /api/v1/users/{user_id}/enable @self":                   (401, 401, 401, 403, 403, 403, 403, 403, 403, 403, 200),
+    "POST /api/v1/users/{user_id}/enable @missing":                (401, 401, 401, 403, 403, 403, 403, 403, 403, 403, 404),
+    "DELETE /api/v1/users/{user_id} @missing":                     (401, 401, 401, 403, 403, 403, 403, 403, 403, 403, 404),
+    "DELETE /api/v1/users/{user_id} @self":                        (401, 401, 401, 403, 403, 403, 403, 403, 403, 403, 409),
+    "DELETE /api/v1/users/{user_id} @other":                       (401, 401, 401, 403, 403, 403, 403, 403, 403, 403, 204),
 }
 # fmt: on
 MATRIX: dict[str, dict[str, int | None]] = {key: dict(zip(CALLERS, row, strict=True)) for key, row in _ROWS.items()}
@@ -79,11 +176,29 @@ MATRIX: dict[str, dict[str, int | None]] = {key: dict(zip(CALLERS, row, strict=T
 # The routes a person uses on their own account: no path, query or body field can name anyone else.
 SELF_SERVICE = {"GET /api/v1/auth/whoami", "POST /api/v1/auth/logout", "POST /api/v1/auth/recovery-codes",
                 "POST /api/v1/auth/password"}
-# The routes that need a fresh TOTP code (X-Wicket-TOTP) even inside a valid login.
+# The routes that need a fresh TOTP code (X-Wicket-TOTP) even inside a valid login: every change.
 STEP_UP = {"POST /api/v1/auth/password", "POST /api/v1/auth/recovery-codes", "POST /api/v1/users",
            "PUT /api/v1/users/{user_id}/roles", "POST /api/v1/users/{user_id}/disable",
            "POST /api/v1/users/{user_id}/enable", "DELETE /api/v1/users/{user_id}",
-           "POST /api/v1/users/{user_id}/totp", "PUT /api/v1/users/{user_id}/password"}
+           "POST /api/v1/users/{user_id}/totp", "PUT /api/v1/users/{user_id}/password",
+           "POST /api/v1/sites", "PATCH /api/v1/sites/{name}", "DELETE /api/v1/sites/{name}",
+           "POST /api/v1/sites/{name}/agents", "DELETE /api/v1/sites/{name}/agents/{agent}",
+           "POST /api/v1/devices", "POST /api/v1/devices/import", "PATCH /api/v1/devices/{asset_id}",
+           "DELETE /api/v1/devices/{asset_id}", "POST /api/v1/policy/apply"}
+
+
+# ---- where the application disagrees with the table ----
+
+
+@dataclass(frozen=True)
+class KnownBug:
+    reason: str
+    cells: dict[tuple[str, str], object]  # (row, caller) → what the application answers today
+
+
+# Fixed since, and now plain cells of the matrix: "agent-lookup-after-step-up" (DELETE /sites/{name}/agents/{agent}
+# for an agent the site does not have answered 404 only after spending the caller's TOTP code).
+KNOWN_BUGS: dict[str, KnownBug] = {}
 
 
 def split_key(key: str) -> tuple[str, str]:
@@ -120,7 +235,31 @@ def takes_step_up(route: APIRoute) -> bool:
     return any(p.alias == "X-Wicket-TOTP" for p in route.dependant.header_params)
 
 
-# ---- the world: one account per role, plus someone whose account the others aim at ----
+@dataclass
+class Mismatch:
+    key: str
+    caller: str
+    expected: object
+    got: object
+    detail: str
+
+
+# ---- the world: one account per role, two sites with devices and agents, a policy ----
+
+# The stock objects requests aim at, by slot; a slot whose object a successful call used up is refilled.
+RENEW = {
+    ("DELETE /api/v1/sites/{name}", "empty"): "site:empty",
+    ("DELETE /api/v1/sites/{name}/agents/{agent}", "north"): "agent:north",
+    ("DELETE /api/v1/sites/{name}/agents/{agent}", "south"): "agent:south",
+    ("DELETE /api/v1/devices/{asset_id}", "north"): "retired:north",
+    ("DELETE /api/v1/devices/{asset_id}", "south"): "retired:south",
+    ("PATCH /api/v1/devices/{asset_id}", "north-to-south"): "device:north",
+    ("POST /api/v1/devices/import", "south-to-north"): "device:south",
+}
+CSV_HEADER = "asset_id,device_type,site,addresses\n"
+# What a refused call must leave as it was: every row (a policy version by its content hash, not its files).
+STATE = [select(m.__table__).order_by(m.id) for m in (User, RoleGrant, RecoveryCode, Site, NodeAgent, Device)] + [
+    select(PolicyVersion.id, PolicyVersion.version, PolicyVersion.comment, PolicyVersion.applied_by).order_by(PolicyVersion.id)]
 
 
 @dataclass
@@ -128,9 +267,12 @@ class World:
     ctl: Harness
     people: dict[str, Person] = field(default_factory=dict)
     tokens: dict[str, str | None] = field(default_factory=dict)
+    logged_in_at: dict[str, float] = field(default_factory=dict)
+    used_at: dict[str, float] = field(default_factory=dict)
     victim: Person | None = None
     victim_token: str | None = None
     client: TestClient | None = None
+    stock: dict[str, str] = field(default_factory=dict)
     counter: itertools.count = field(default_factory=itertools.count)
 
     @classmethod
@@ -138,17 +280,25 @@ class World:
         w = cls(ctl)
         # A client that turns a crash into a 500 (recorded as a mismatch) instead of raising.
         w.client = TestClient(ctl.app, raise_server_exceptions=False)
+        ctl.apply_policy()
+        ctl.add_site(SITE, tunnel_pool="100.100.1.0/24")
+        ctl.add_site(OTHER_SITE, tunnel_pool="100.100.2.0/24")
+        for slot in ("device:north", "device:south", "retired:north", "retired:south", "agent:north", "agent:south",
+                     "site:empty"):
+            w.renew(slot)
         until = (datetime.fromtimestamp(ctl.t, UTC) + timedelta(days=1)).isoformat()
         specs = {
             "engineer": dict(roles=[("engineer", SITE)]),
+            "engineer_s2": dict(roles=[("engineer", OTHER_SITE)]),
             "contractor": dict(roles=[("contractor", SITE)], kind="contractor", sponsor="eng", valid_until=until),
             "approver": dict(roles=[("approver", SITE)]),
             "site_admin": dict(roles=[("site_admin", SITE)]),
+            "site_admin_s2": dict(roles=[("site_admin", OTHER_SITE)]),
             "soc": dict(roles=[("soc", None)]),
             "admin": dict(roles=[("admin", None)]),
         }
-        names = {"engineer": "eng", "contractor": "con", "approver": "appr", "site_admin": "sadm",
-                 "soc": "soc", "admin": "adm2"}
+        names = {"engineer": "eng", "engineer_s2": "eng2", "contractor": "con", "approver": "appr",
+                 "site_admin": "sadm", "site_admin_s2": "sadm2", "soc": "soc", "admin": "adm2"}
         if "contractor" in roles and "engineer" not in roles:
             roles = ("engineer", *roles)  # the contractor's sponsor
         for caller in PEOPLE:
@@ -158,11 +308,39 @@ class World:
                                 **({"password": victim_password} if victim_password else {}))
         w.tokens = {"anon": None, "garbage": "not-a-login-token",
                     "forged": "wkt_" + secrets.token_urlsafe(32)}  # well-formed, but never issued
-        for caller, person in w.people.items():
-            w.tokens[caller] = ctl.login(person)
+        for caller in w.people:
+            w.relogin(caller)
         return w
 
-    # ---- helpers ----
+    # ---- stock objects ----
+
+    def renew(self, slot: str) -> None:
+        """A fresh object for `slot` ("device:north", "agent:south", "site:empty"…), made by the first admin."""
+        kind, _sep, where = slot.partition(":")
+        n = next(self.counter)
+        site = {"north": SITE, "south": OTHER_SITE}.get(where)
+        if kind == "device":
+            self.stock[slot] = self.ctl.add_device(f"{where[0].upper()}-RTU-{n}", site)["asset_id"]
+        elif kind == "retired":
+            self.stock[slot] = self.ctl.add_device(f"{where[0].upper()}-OLD-{n}", site, lifecycle="decommissioned")["asset_id"]
+        elif kind == "agent":
+            res = self.ctl.client.post(f"{API}/sites/{site}/agents", json={"name": f"agent-{where}-{n}"},
+                                       headers=self.ctl.step_up_admin())
+            assert res.status_code == 201, res.text
+            self.stock[slot] = f"agent-{where}-{n}"
+        elif kind == "site":
+            self.stock[slot] = self.ctl.add_site(f"empty-{n}", tunnel_pool=_pool(n))["name"]
+
+    def site_name(self, target: str) -> str:
+        return {"south": OTHER_SITE, "missing": NO_SITE, "empty": self.stock["site:empty"]}.get(target, SITE)
+
+    def asset_id(self, route: str, target: str) -> str:
+        if target == "missing":
+            return MISSING_ASSET
+        where = "south" if target == "south" else "north"
+        return self.stock[f"{'retired' if route.startswith('DELETE') else 'device'}:{where}"]
+
+    # ---- calls ----
 
     def fresh_code(self, caller: str) -> str | None:
         person = self.people.get(caller)
@@ -171,7 +349,10 @@ class World:
     def call(self, caller: str, method: str, path: str, *, json=None, totp: str | None = None, params=None,
              token: str | None = ...):
         headers = {}
-        token = self.tokens.get(caller) if token is ... else token
+        if token is ...:
+            token = self.tokens.get(caller)
+            if not path.endswith("/auth/login"):  # logging in does not look at the token, nor keep it alive
+                self.used_at[caller] = self.ctl.t
         if token:
             headers["Authorization"] = f"Bearer {token}"
         if totp:
@@ -181,6 +362,24 @@ class World:
     def relogin(self, caller: str) -> None:
         self.ctl.advance(30)
         self.tokens[caller] = self.ctl.login(self.people[caller])
+        self.logged_in_at[caller] = self.used_at[caller] = self.ctl.t
+
+    def keep_logged_in(self, caller: str) -> None:
+        """A login lasts 8 hours of the test's clock, which the whole matrix outlasts, and dies after 15
+        minutes unused, which a caller the test leaves out for a while may be."""
+        if caller not in self.people:
+            return
+        settings, now = self.ctl.settings, self.ctl.t
+        if now - self.logged_in_at[caller] > settings.token_max_s - 3600 or now - self.used_at[caller] > settings.token_idle_s - 300:
+            self.relogin(caller)
+
+    def forget_failures(self) -> None:
+        """Clear the failed-attempt throttle (it has tests of its own; here a refusal must not be a hold-off)."""
+        with self.ctl.app.state.auth.factory() as s:
+            s.execute(delete(Throttle))
+            s.commit()
+
+    # ---- what a refused call must leave alone ----
 
     def last_seq(self) -> int:
         with self.ctl.app.state.auth.factory() as s:
@@ -190,13 +389,16 @@ class World:
         with self.ctl.app.state.auth.factory() as s:
             return list(s.scalars(select(Event).where(Event.seq > seq).order_by(Event.seq)))
 
-    def accounts(self) -> list[dict]:
-        return [u.model_dump() for u in self.ctl.app.state.users.list()]
+    def state(self) -> tuple:
+        """Every row of accounts, grants, recovery codes, sites, agents, devices and applied policies."""
+        with self.ctl.app.state.auth.factory() as s:
+            return tuple(tuple(s.execute(query).all()) for query in STATE)
 
-    def code_unused(self, caller: str, code: str) -> bool:
-        """True when `code` still passes a step-up for `caller` (then it is spent, by this check)."""
-        res = self.call(caller, "POST", f"{API}/auth/recovery-codes", totp=code)
-        return res.status_code == 200
+    def steps_used(self, caller: str) -> set[int]:
+        """The TOTP steps `caller` has spent: the replay guard's rows, which a login or a step-up writes (a
+        code is spent exactly when its step is here)."""
+        with self.ctl.app.state.auth.factory() as s:
+            return set(s.scalars(select(UsedTotp.step).where(UsedTotp.user_id == self.people[caller].user_id)))
 
     def target_id(self, caller: str, target: str) -> int:
         if target == "missing":
@@ -208,13 +410,24 @@ class World:
     def person_by_id(self, user_id: int) -> Person | None:
         return next((p for p in [*self.people.values(), self.victim] if p.user_id == user_id), None)
 
-    def request_for(self, route: str, caller: str, target: str) -> tuple[str, str, dict | None]:
-        """Method, path and a minimal valid body for `route`, aimed at `target`."""
+    def request_for(self, route: str, caller: str, target: str) -> tuple[str, str, dict | None, dict | None]:
+        """Method, path, query and a minimal valid body for `route`, aimed at `target`."""
         method, template = route.split(" ", 1)
-        path = template.replace("{user_id}", str(self.target_id(caller, target)))
         person = self.people.get(caller)
         is_admin = caller == "admin"
         n = next(self.counter)
+        site = self.site_name(target)
+        path = template.replace("{user_id}", str(self.target_id(caller, target)))
+        if "{asset_id}" in path:
+            path = path.replace("{asset_id}", self.asset_id(route, target))
+        if path.startswith(f"{API}/tasks/"):
+            path = path.replace("{name}", TASK if target == "existing" else "no-such-task")
+        path = path.replace("{name}", site)
+        if "{agent}" in path:  # @south-agent-via-north: south-2's agent, removed by way of north-1
+            agent = self.stock["agent:south" if target in ("south", "south-agent-via-north") else "agent:north"]
+            path = path.replace("{agent}", agent)
+        path = path.replace("{policy_id}", "1" if target == "existing" else str(MISSING_ID))
+        params = {"site": site} if target != "self" and route in (f"GET {API}/devices", f"GET {API}/devices/export") else None
         body = None
         if route == "POST /api/v1/auth/login":
             if target == "self":
@@ -239,11 +452,45 @@ class World:
                 body = {"roles": [{"role": "engineer", "site": SITE}, {"role": "approver", "site": SITE}]}
         elif route == "PUT /api/v1/users/{user_id}/password":
             body = {"password": f"set password number {n}"}
-        return method, path, body
+        elif route == "POST /api/v1/sites":
+            body = {"name": f"made-{n}", "display_name": f"Made {n}", "tunnel_pool": _pool(n), "port_min": 51000,
+                    "port_max": 51999, "public_endpoint": "203.0.113.9"}
+        elif route == "PATCH /api/v1/sites/{name}":
+            body = {"display_name": f"Changed {n}"}
+        elif route == "POST /api/v1/sites/{name}/agents":
+            body = {"name": f"agent-made-{n}", "description": "made by the matrix"}
+        elif route == "POST /api/v1/devices":
+            body = {"asset_id": f"MADE-{n}", "site": site, "device_type": "substation-rtu", "addresses": ["10.20.0.17"],
+                    "lifecycle": "active"}
+        elif route == "POST /api/v1/devices/import":
+            if target == "south-to-north":  # south-2's device, rewritten and moved to north-1
+                body = {"csv": f"{CSV_HEADER}{self.stock['device:south']},substation-rtu,{SITE},10.20.0.99\n", "update": True}
+            else:
+                body = {"csv": f"{CSV_HEADER}MADE-{n},substation-rtu,{site},10.20.0.17\n"}
+        elif route == "PATCH /api/v1/devices/{asset_id}":
+            # @north-to-south: north-1's device, moved to south-2
+            body = {"site": OTHER_SITE} if target == "north-to-south" else {"description": f"changed {n}"}
+        elif route in ("POST /api/v1/policy/check", "POST /api/v1/policy/diff"):
+            body = {"files": example_policy_files()}
+        elif route == "POST /api/v1/policy/apply":  # a policy that differs from the active one
+            extra = f"wicket_policy: 1\ndestinations:\n  made-{n}:\n    addresses: [198.51.100.{n % 250 + 1}]\n"
+            body = {"files": {**example_policy_files(), "made.yaml": extra}, "comment": f"made {n}"}
+        elif route == "POST /api/v1/policy/evaluate":
+            # @other-user: the victim (an engineer at north-1) on north-1's device; -south: on south-2's;
+            # @missing-user: someone who does not exist
+            device = self.stock["device:south"] if target in ("south", "other-user-south") else self.stock["device:north"]
+            body = {"device": MISSING_ASSET if target == "missing" else device, "task": TASK}
+            if target.startswith("other-user"):
+                body["user"] = self.victim.username
+            elif target == "missing-user":
+                body["user"] = "nobody-here"
+        return method, path, params, body
 
-    def after_success(self, route: str, caller: str, path: str, body: dict | None, res) -> None:
+    def after_success(self, route: str, target: str, caller: str, path: str, body: dict | None, res) -> None:
         """Keep our picture of the world true after a call that changed it."""
-        if route == "POST /api/v1/auth/password":
+        if (route, target) in RENEW:
+            self.renew(RENEW[(route, target)])
+        elif route == "POST /api/v1/auth/password":
             self.people[caller].password = body["new_password"]
         elif route == "POST /api/v1/auth/logout":
             self.relogin(caller)
@@ -256,22 +503,100 @@ class World:
             if target is not None:
                 target.secret = re.search(r"secret=([A-Z2-7]+)", res.json()["otpauth_uri"]).group(1)
 
+    # ---- what a successful read may show ----
 
-@dataclass
-class Mismatch:
-    key: str
-    caller: str
-    expected: object
-    got: object
-    detail: str
+    def readable(self, caller: str) -> set[str] | None:
+        """The sites `caller` may read; None: every site."""
+        roles = self.people[caller].roles
+        if any(site is None for _role, site in roles):
+            return None
+        return {site for _role, site in roles}
+
+    def shown_too_much(self, route: str, caller: str, params: dict | None, res) -> str | None:
+        """For a list, the sites it names must be exactly the caller's sites that have such objects."""
+        if route not in ("GET /api/v1/sites", "GET /api/v1/devices", "GET /api/v1/devices/export"):
+            return None
+        with self.ctl.app.state.auth.factory() as s:
+            all_sites = set(s.scalars(select(Site.name)))
+            with_devices = set(s.scalars(select(Site.name).join(Device, Device.site_id == Site.id)))
+        mine = self.readable(caller)
+        if route == "GET /api/v1/sites":
+            shown, want = {x["name"] for x in res.json()}, all_sites if mine is None else all_sites & mine
+        elif route in ("GET /api/v1/devices", "GET /api/v1/devices/export"):
+            if route.endswith("export"):
+                shown = {row["site"] for row in csv.DictReader(io.StringIO(res.text))}
+            else:
+                shown = {d["site"] for d in res.json()["devices"]}
+            want = with_devices if mine is None else with_devices & mine
+            if params:
+                want &= {params["site"]}
+        return None if shown == want else f"showed sites {sorted(shown)}, not {sorted(want)}"
+
+    # ---- one cell of the table ----
+
+    def check(self, key: str, caller: str) -> list[Mismatch]:
+        """Make the call of row `key` as `caller` and compare everything observable with the table."""
+        route, target = split_key(key)
+        expected = MATRIX[key][caller]
+        self.keep_logged_in(caller)
+        self.ctl.advance(30)  # a fresh TOTP step: every caller with an account sends an unused code
+        method, path, params, body = self.request_for(route, caller, target)
+        code = self.fresh_code(caller)
+        refused = expected >= 400
+        if refused:
+            seq, before = self.last_seq(), self.state()
+            steps = self.steps_used(caller) if code else None
+        res = self.call(caller, method, path, json=body, params=params, totp=code)
+        got = res.status_code
+        out = []
+        if got != expected:
+            out.append(Mismatch(key, caller, expected, got, res.text))
+        if 200 <= got < 300:
+            problem = self.shown_too_much(route, caller, params, res)
+            if problem:
+                out.append(Mismatch(key, caller, "own sites", "more", problem))
+            self.after_success(route, target, caller, path, body, res)
+        if got == 200 and route == "GET /api/v1/auth/whoami" and res.json()["username"] != self.people[caller].username:
+            out.append(Mismatch(key, caller, "own name", res.json()["username"], "whoami named someone else"))
+        if route == "POST /api/v1/auth/logout" and got == 204:
+            seen = self.call("victim", "GET", f"{API}/auth/whoami", token=self.victim_token)
+            if seen.status_code != 200:
+                out.append(Mismatch(key, caller, "victim on", seen.status_code, "a logout ended someone else's login"))
+        if refused:
+            # refused: nothing changed, no account, inventory or policy event; and when refused for who is
+            # asking or what is asked for (401/403/404), before the step-up: no step-up event, the code unspent
+            before_step_up = expected in (401, 403, 404)
+            bad = [f"{e.type}/{e.result}" for e in self.events_after(seq)
+                   if e.category in ("account", "inventory", "policy") or (before_step_up and e.type == "step_up")]
+            if bad:
+                out.append(Mismatch(key, caller, "no events", "events", f"recorded {bad}"))
+            if self.state() != before:
+                out.append(Mismatch(key, caller, "unchanged", "changed", "a refused call changed an account or the inventory"))
+            if before_step_up and code is not None and self.steps_used(caller) != steps:
+                out.append(Mismatch(key, caller, "code unused", "spent", "a refused call consumed the step-up code"))
+        return out
+
+
+def _pool(n: int) -> str:
+    return f"100.{101 + n // 250}.{n % 250}.0/24"
+
+
+def known_bug_at(key: str, caller: str, found: list[Mismatch]) -> str | None:
+    """The known bug that explains what this cell shows: the answer the bug gives today (with whatever
+    follows from it, such as the change a wrongly allowed call made)."""
+    for name, bug in KNOWN_BUGS.items():
+        today = bug.cells.get((key, caller))
+        if today is not None and any(m.got == today for m in found):
+            return name
+    return None
 
 
 def report(title: str, mismatches: list[Mismatch]) -> str:
     lines = [f"{title}: {len(mismatches)} mismatch(es)", ""]
     width = max(len(m.key) for m in mismatches)
-    lines.append(f"  {'route':<{width}}  {'caller':<10}  {'expected':>8}  {'got':>8}  detail")
+    lines.append(f"  {'route':<{width}}  {'caller':<13}  {'expected':>8}  {'got':>8}  detail")
     for m in mismatches:
-        lines.append(f"  {m.key:<{width}}  {m.caller:<10}  {m.expected!s:>8}  {m.got!s:>8}  {m.detail[:160]}")
+        lines.append(f"  {m.key:<{width}}  {m.caller:<13}  {m.expected!s:>8}  {m.got!s:>8}  {m.detail[:160]}")
     return "\n".join(lines)
 
 
@@ -291,6 +616,9 @@ def test_the_table_covers_every_route_and_its_step_up(ctl):
     assert {k for k, r in routes.items() if takes_step_up(r)} == STEP_UP
     for key in SELF_SERVICE:
         assert key in routes
+    for bug in KNOWN_BUGS.values():
+        for key, caller in bug.cells:
+            assert key in MATRIX and caller in CALLERS, (key, caller)
 
 
 def test_every_route_by_every_caller(ctl):
@@ -298,85 +626,87 @@ def test_every_route_by_every_caller(ctl):
     assert not missing and not stale, f"matrix out of date: missing {sorted(missing)}, stale {sorted(stale)}"
     w = World.build(ctl)
     mismatches: list[Mismatch] = []
+    tolerated: set[str] = set()
     calls = 0
     for key, expected_by_caller in MATRIX.items():
-        route, target = split_key(key)
-        if route == "POST /api/v1/auth/logout":
+        if split_key(key)[0] == "POST /api/v1/auth/logout":
             w.victim_token = ctl.login(w.victim)  # someone else's login, which nobody's logout may end
         for caller in CALLERS:
-            expected = expected_by_caller[caller]
-            if expected is None:
+            if expected_by_caller[caller] is None:
                 continue
-            ctl.advance(30)  # a fresh TOTP step: every caller with an account sends an unused code
-            method, path, body = w.request_for(route, caller, target)
-            code = w.fresh_code(caller)
-            seq, accounts = w.last_seq(), w.accounts()
-            res = w.call(caller, method, path, json=body, totp=code)
+            found = w.check(key, caller)
+            bug = known_bug_at(key, caller, found) if found else None
+            if bug:
+                tolerated.add(bug)
+            else:
+                mismatches += found
             calls += 1
-            got = res.status_code
-            if got != expected:
-                mismatches.append(Mismatch(key, caller, expected, got, res.text))
-            if 200 <= got < 300:
-                w.after_success(route, caller, path, body, res)
-            if got == 200 and route == "GET /api/v1/auth/whoami" and res.json()["username"] != w.people[caller].username:
-                mismatches.append(Mismatch(key, caller, "own name", res.json()["username"], "whoami named someone else"))
-            if route == "POST /api/v1/auth/logout" and got == 204:
-                check = w.call("victim", "GET", f"{API}/auth/whoami", token=w.victim_token)
-                if check.status_code != 200:
-                    mismatches.append(Mismatch(key, caller, "victim on", check.status_code, "a logout ended someone else's login"))
-            if expected >= 400:
-                # refused: no account changed, no account event; and when refused for who is asking or
-                # what is asked for (401/403/404), before the step-up: no step-up event, the code unspent
-                before_step_up = expected in (401, 403, 404)
-                bad = [f"{e.type}/{e.result}" for e in w.events_after(seq)
-                       if e.category == "account" or (before_step_up and e.type == "step_up")]
-                if bad:
-                    mismatches.append(Mismatch(key, caller, "no events", "events", f"recorded {bad}"))
-                if w.accounts() != accounts:
-                    mismatches.append(Mismatch(key, caller, "unchanged", "changed", "a refused call changed an account"))
-                if before_step_up and code is not None and not w.code_unused(caller, code):
-                    mismatches.append(Mismatch(key, caller, "code unused", "spent", "a refused call consumed the step-up code"))
-    assert calls > 200
+    print(f"{calls} calls; known bugs seen: {sorted(tolerated) or 'none'}")
+    assert calls > 900
     if mismatches:
         pytest.fail(report("authorisation matrix", mismatches), pytrace=False)
 
 
+@pytest.mark.parametrize("bug", [pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=b.reason))
+                                 for name, b in KNOWN_BUGS.items()])
+def test_known_authorisation_bug(ctl, bug):
+    """The cells of one known bug, checked against the table: this fails (xfail) while the bug is there."""
+    w = World.build(ctl)
+    mismatches = [m for key, caller in KNOWN_BUGS[bug].cells for m in w.check(key, caller)]
+    assert not mismatches, report(bug, mismatches)
+
+
+def step_up_callers(route: str) -> list[tuple[str, str]]:
+    """Each caller the table lets through on `route` somewhere, with the first target where it does."""
+    out = []
+    for caller in PEOPLE:
+        for key, row in MATRIX.items():
+            if split_key(key)[0] == route and 200 <= (row[caller] or 0) < 300:
+                out.append((caller, split_key(key)[1]))
+                break
+    return out
+
+
 def test_step_up_is_required_and_single_use(ctl):
-    """Admin routes with a valid login: no X-Wicket-TOTP → 401 step_up_required; a code already used → 401.
-    The same for the self-service routes that change a secret, for every kind of account."""
+    """Every route that changes something, with a valid login of a caller allowed to make the change:
+    no X-Wicket-TOTP → 401 step_up_required; a code already used → 401; and nothing changes."""
     w = World.build(ctl)
     mismatches: list[Mismatch] = []
     for route in sorted(STEP_UP):
-        admin_route = route.split(" ", 1)[1].startswith(f"{API}/users")
-        for caller in ["admin"] if admin_route else PEOPLE:
-            # (a reused code is a failed attempt that counts towards the throttle: a few callers suffice)
+        allowed = step_up_callers(route)
+        assert allowed, f"{route}: the table lets nobody make this change"
+        for caller, target in allowed:
             variants = ("no header", "reused code") if caller in ("admin", "engineer", "contractor") else ("no header",)
             for variant in variants:
+                w.keep_logged_in(caller)
                 ctl.advance(30)
-                method, path, body = w.request_for(route, caller, "other")
+                method, path, params, body = w.request_for(route, caller, target)
                 code = None
                 if variant == "reused code":
                     code = w.fresh_code(caller)
                     spend = w.call(caller, "POST", f"{API}/auth/recovery-codes", totp=code)
                     assert spend.status_code == 200, spend.text
-                seq, accounts = w.last_seq(), w.accounts()
-                res = w.call(caller, method, path, json=body, totp=code)
+                seq, before = w.last_seq(), w.state()
+                res = w.call(caller, method, path, json=body, params=params, totp=code)
                 error = res.json().get("error") if res.headers.get("content-type", "").startswith("application/json") else None
+                label = f"{route} @{target} [{variant}]"
                 if (res.status_code, error) != (401, "step_up_required"):
-                    mismatches.append(Mismatch(f"{route} [{variant}]", caller, "401 step_up_required",
-                                               f"{res.status_code} {error}", res.text))
-                if w.accounts() != accounts:
-                    mismatches.append(Mismatch(f"{route} [{variant}]", caller, "unchanged", "changed", "account changed"))
-                ok_steps = [e for e in w.events_after(seq) if e.type == "step_up" and e.result == "success"]
-                if ok_steps:
-                    mismatches.append(Mismatch(f"{route} [{variant}]", caller, "no step-up", "step-up", "a step-up succeeded"))
+                    mismatches.append(Mismatch(label, caller, "401 step_up_required", f"{res.status_code} {error}", res.text))
+                if w.state() != before:
+                    mismatches.append(Mismatch(label, caller, "unchanged", "changed", "an account or the inventory changed"))
+                done = [f"{e.type}/{e.result}" for e in w.events_after(seq)
+                        if e.category in ("account", "inventory", "policy") or (e.type == "step_up" and e.result == "success")]
+                if done:
+                    mismatches.append(Mismatch(label, caller, "nothing done", "events", f"recorded {done}"))
+                if variant == "reused code":
+                    w.forget_failures()  # a reused code counts as a failed attempt; enough of them would hold us off
     if mismatches:
         pytest.fail(report("step-up", mismatches), pytrace=False)
 
 
 def test_a_disabled_users_token_is_refused_on_every_route(ctl):
     w = World.build(ctl, roles=("engineer", "admin"))
-    gone = ctl.add_user("gone", roles=[("engineer", SITE)])
+    gone = ctl.add_user("gone", roles=[("site_admin", SITE), ("approver", SITE)])
     w.people["gone"] = gone
     w.tokens["gone"] = ctl.login(gone)
     ctl.advance(30)
@@ -385,25 +715,27 @@ def test_a_disabled_users_token_is_refused_on_every_route(ctl):
     mismatches: list[Mismatch] = []
     routes = api_routes(ctl.app)
     for route in routes:
-        for target in (("self", "other") if "{user_id}" in route else ("self",)):
+        for target in (("self", "other") if "{user_id}" in route else ("north",)):
             ctl.advance(30)
-            method, path, body = w.request_for(route, "gone", target)  # a minimal valid body
+            method, path, params, body = w.request_for(route, "gone", target)  # a minimal valid body
             if route == "POST /api/v1/auth/login":
                 # no token here: the right password and code still do not let a disabled account in
                 body = {"username": gone.username, "password": gone.password, "totp_code": ctl.code(gone)}
                 want = (403, "account_disabled")
             else:
                 want = (401, "account_disabled")
-            seq = w.last_seq()
-            res = w.call("gone", method, path, json=body, totp=ctl.code(gone))
+            seq, before = w.last_seq(), w.state()
+            res = w.call("gone", method, path, json=body, params=params, totp=ctl.code(gone))
             error = res.json().get("error") if res.headers.get("content-type", "").startswith("application/json") else None
             if (res.status_code, error) != want:
                 mismatches.append(Mismatch(f"{route} @{target}", "gone", f"{want[0]} {want[1]}",
                                            f"{res.status_code} {error}", res.text))
             done = [f"{e.type}/{e.result}" for e in w.events_after(seq)
-                    if e.category == "account" or (e.type in ("step_up", "login") and e.result == "success")]
+                    if e.category in ("account", "inventory", "policy") or (e.type in ("step_up", "login") and e.result == "success")]
             if done:
                 mismatches.append(Mismatch(f"{route} @{target}", "gone", "nothing done", "events", f"recorded {done}"))
+            if w.state() != before:
+                mismatches.append(Mismatch(f"{route} @{target}", "gone", "unchanged", "changed", "something changed"))
     if mismatches:
         pytest.fail(report("disabled account", mismatches), pytrace=False)
 

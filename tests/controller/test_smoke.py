@@ -2,6 +2,7 @@
 
 
 def test_admin_adds_an_engineer_who_logs_in(ctl):
+    ctl.add_site("north-1")  # a role at a site needs the site
     bob = ctl.add_user("bob", roles=[("engineer", "north-1")])
     token = ctl.login(bob)
     me = ctl.client.get("/api/v1/auth/whoami", headers=ctl.auth(token)).json()
