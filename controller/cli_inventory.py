@@ -144,23 +144,14 @@ def sites_update(ctx: typer.Context, name: SiteArg, display_name: DisplayNameOpt
                  totp: TotpOpt = None) -> None:
     """Change a site: only the options given change; a list given replaces the old one."""
     body = _site_body(display_name, time_zone, tunnel_pool, ports, endpoint, lan_network, window)
-    body.update(_cleared(clear, SITE_CLEARABLE, body))
-    if not body:
-        raise CliError("nothing to change: give the options to change", exit_code=EXIT_USAGE)
-    api = connect(ctx)
-    s = api.call("PATCH", f"/api/v1/sites/{segment(name)}", body=body, totp=step_up(totp))
+    s = _patch(ctx, f"/api/v1/sites/{segment(name)}", body, clear, SITE_CLEARABLE, totp)
     typer.echo(f"Updated site {s['name']} (revision {s['revision']}).")
 
 
 @sites_app.command("delete")
 def sites_delete(ctx: typer.Context, name: SiteArg, yes: YesOpt = False, totp: TotpOpt = None) -> None:
     """Delete a site without devices (admin)."""
-    api = connect(ctx)
-    s = api.call("GET", f"/api/v1/sites/{segment(name)}")
-    if not yes:
-        typer.confirm(f"Delete site {name} ({s['display_name']})?", abort=True)
-    api.call("DELETE", f"/api/v1/sites/{segment(name)}", totp=step_up(totp))
-    typer.echo(f"Deleted site {name}.")
+    _delete(ctx, f"/api/v1/sites/{segment(name)}", yes, totp, lambda s: f"site {name} ({s['display_name']})")
 
 
 @sites_app.command("agent-add")
@@ -252,23 +243,14 @@ def devices_update(ctx: typer.Context, asset: AssetArg, device_type: TypeOpt = N
                    totp: TotpOpt = None) -> None:
     """Change a passport: only the options given change; a list given (--address, --imsi, --port) replaces the old one."""
     body = _device_body(device_type, site, address, mac, iccid, eid, imsi, firmware, lifecycle, last_seen, port, description)
-    body.update(_cleared(clear, DEVICE_CLEARABLE, body))
-    if not body:
-        raise CliError("nothing to change: give the options to change", exit_code=EXIT_USAGE)
-    api = connect(ctx)
-    d = api.call("PATCH", f"/api/v1/devices/{segment(asset)}", body=body, totp=step_up(totp))
+    d = _patch(ctx, f"/api/v1/devices/{segment(asset)}", body, clear, DEVICE_CLEARABLE, totp)
     typer.echo(f"Updated device {d['asset_id']} (revision {d['revision']}).")
 
 
 @devices_app.command("delete")
 def devices_delete(ctx: typer.Context, asset: AssetArg, yes: YesOpt = False, totp: TotpOpt = None) -> None:
     """Delete a decommissioned device's passport."""
-    api = connect(ctx)
-    d = api.call("GET", f"/api/v1/devices/{segment(asset)}")
-    if not yes:
-        typer.confirm(f"Delete device {asset} ({d['device_type']} at {d['site']})?", abort=True)
-    api.call("DELETE", f"/api/v1/devices/{segment(asset)}", totp=step_up(totp))
-    typer.echo(f"Deleted device {asset}.")
+    _delete(ctx, f"/api/v1/devices/{segment(asset)}", yes, totp, lambda d: f"device {asset} ({d['device_type']} at {d['site']})")
 
 
 @devices_app.command("import")
@@ -391,3 +373,22 @@ def _read_text(file: str) -> str:
         return sys.stdin.read() if file == "-" else Path(file).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise CliError(f"{file}: {getattr(exc, 'strerror', None) or exc}", exit_code=EXIT_USAGE) from None
+
+
+def _patch(ctx: typer.Context, path: str, body: dict, clear: list[str] | None, clearable: dict[str, tuple[str, Any]],
+           totp: str | None) -> dict:
+    """PATCH the options given and the fields to --clear; refuses an empty change before asking for a code."""
+    body.update(_cleared(clear, clearable, body))
+    if not body:
+        raise CliError("nothing to change: give the options to change", exit_code=EXIT_USAGE)
+    return connect(ctx).call("PATCH", path, body=body, totp=step_up(totp))
+
+
+def _delete(ctx: typer.Context, path: str, yes: bool, totp: str | None, describe) -> None:
+    """Show what will go (describe: the object → 'site x (…)'), confirm unless --yes, then DELETE."""
+    api = connect(ctx)
+    what = describe(api.call("GET", path))
+    if not yes:
+        typer.confirm(f"Delete {what}?", abort=True)
+    api.call("DELETE", path, totp=step_up(totp))
+    typer.echo(f"Deleted {what.split(' (')[0]}.")

@@ -79,11 +79,14 @@ class PolicyStore:
         or the inventory would be stranded) is recorded as a failed policy.apply, then raised."""
         candidate = self.check(files)
         now = self.auth.now()
+        refusal = "conflict"
         try:
             with transaction(self.factory) as s:
                 latest = s.scalar(select(PolicyVersion).order_by(PolicyVersion.id.desc()).limit(1).with_for_update())
                 if latest is not None and latest.version == candidate.version:
+                    refusal = "already_active"
                     raise Conflict(f"this policy is already the active version ({candidate.version[:19]}…): nothing to apply")
+                refusal = "would_strand_inventory"
                 _check_inventory(s, candidate)
                 changes = diff(latest.document if latest else None, candidate.canonical)
                 row = PolicyVersion(version=candidate.version, files=dict(files), document=candidate.canonical,
@@ -97,8 +100,8 @@ class PolicyStore:
         except Conflict as exc:
             with transaction(self.factory) as s:
                 events.record(s, at=now, category="policy", type="policy.apply", result="failure", actor_id=actor.user_id,
-                              actor=actor.username, subject=None, source=source, version=candidate.version,
-                              reason=exc.detail, files=sorted(files))
+                              actor=actor.username, subject=None, source=source, reason=refusal,
+                              version=candidate.version, detail=exc.detail, files=sorted(files))
             raise
         with self._lock:
             self._cached = None  # this replica uses the new version from its next decision

@@ -11,9 +11,9 @@ import csv
 import hashlib
 import io
 import time
-from datetime import UTC, datetime
+from datetime import datetime
 
-from controller.identifiers import eid_check, luhn_digit
+from .helpers import eid_for, iccid_for, iso
 
 API = "/api/v1"
 HEADER = "asset_id,device_type,site,addresses,mac,iccid,eid,imsis,firmware,lifecycle,last_seen,ports,description"
@@ -21,18 +21,13 @@ TYPES = ("substation-rtu", "meter-concentrator", "der-gateway")
 PORTS = {"substation-rtu": "iec104=2405", "meter-concentrator": "dlms=4060", "der-gateway": ""}
 
 
-def iso(t: float) -> str:
-    return datetime.fromtimestamp(t, UTC).isoformat().replace("+00:00", "Z")
 
 
-def iccid_for(n: int) -> str:
-    body = f"8949{n:014d}"
-    return body + luhn_digit(body)
 
 
-def eid_for(n: int) -> str:
-    body = f"89049032{n:022d}"
-    return body + eid_check(body)
+
+
+
 
 
 def row(i: int, *, seen: str = "", **cells) -> dict:

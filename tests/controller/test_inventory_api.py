@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
-from datetime import UTC, datetime
+from datetime import datetime
 
 import pytest
 import yaml
@@ -16,10 +16,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from fastapi.testclient import TestClient
 
-from controller.identifiers import eid_check, luhn_digit
 from nodeagent.wire import SignedPassport, key_id
 
 from .conftest import example_policy_files
+from .helpers import admin, eid_for, headers, iccid_for, iso
 
 API = "/api/v1"
 NORTH_NET, SOUTH_NET = "10.20.0.0/16", "10.30.0.0/16"
@@ -28,34 +28,19 @@ NORTH_NET, SOUTH_NET = "10.20.0.0/16", "10.30.0.0/16"
 # ---- helpers ----
 
 
-def iso(t: float) -> str:
-    return datetime.fromtimestamp(t, UTC).isoformat().replace("+00:00", "Z")
 
 
-def iccid_for(n: int) -> str:
-    body = f"8949{n:014d}"
-    return body + luhn_digit(body)
 
 
-def eid_for(n: int) -> str:
-    body = f"89049032{n:022d}"
-    return body + eid_check(body)
 
 
-def headers(ctl, person, step_up: bool = False) -> dict:
-    """A login for `person`, kept on the person and renewed when it lapsed; with a fresh code for step-up."""
-    token = getattr(person, "token", None)
-    if token is None or ctl.client.get(f"{API}/auth/whoami", headers=ctl.auth(token)).status_code != 200:
-        ctl.advance(30)
-        token = person.token = ctl.login(person)
-    if not step_up:
-        return ctl.auth(token)
-    ctl.advance(30)
-    return ctl.auth(token, ctl.code(person))
 
 
-def admin(ctl) -> dict:
-    return ctl.auth(ctl.admin_token())
+
+
+
+
+
 
 
 def two_sites(ctl) -> None:

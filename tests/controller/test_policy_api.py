@@ -13,30 +13,18 @@ import yaml
 from controller.policy import CHECKS
 
 from .conftest import example_policy_files
+from .helpers import admin, headers, iso
 
 API = "/api/v1"
 
 
-def iso(value: datetime | float) -> str:
-    if not isinstance(value, datetime):
-        value = datetime.fromtimestamp(value, UTC)
-    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
-def headers(ctl, person, step_up: bool = False) -> dict:
-    """A login for `person`, kept on the person and renewed when it lapsed; with a fresh code for step-up."""
-    token = getattr(person, "token", None)
-    if token is None or ctl.client.get(f"{API}/auth/whoami", headers=ctl.auth(token)).status_code != 200:
-        ctl.advance(30)
-        token = person.token = ctl.login(person)
-    if not step_up:
-        return ctl.auth(token)
-    ctl.advance(30)
-    return ctl.auth(token, ctl.code(person))
 
 
-def admin(ctl) -> dict:
-    return ctl.auth(ctl.admin_token())
+
+
+
 
 
 def edited(change) -> dict[str, str]:
@@ -174,7 +162,8 @@ def test_apply_needs_admin_and_step_up_and_records_the_changes(ctl):
     assert len(ctl.client.get(f"{API}/policy/history", headers=admin(ctl)).json()) == 2
     applies = [e for e in ctl.events() if e["type"] == "policy.apply"]
     assert [e["result"] for e in applies] == ["success", "success", "failure", "failure"]
-    assert all("already the active version" in e["reason"] and e["subject"] is None for e in applies[2:])
+    assert all(e["reason"] == "already_active" and e["subject"] is None for e in applies[2:])
+    assert all("already the active version" in e["body"]["detail"] for e in applies[2:])
     # Going back to an earlier version is a new apply, not a repeat.
     back = ctl.apply_policy(files, comment="back")
     assert back["version"] == first["version"] and back["changes"] == ["~ tasks.iec104-diagnostics.duration.max: 2h → 1h"]
@@ -206,7 +195,8 @@ def test_apply_refuses_a_policy_that_strands_the_inventory(ctl):
     # Each refusal is on record, with what stood in the way.
     applies = [e for e in ctl.events() if e["type"] == "policy.apply"]
     assert [e["result"] for e in applies] == ["success", "failure", "failure"]
-    assert "der-gateway" in applies[1]["reason"] and "weeknights" in applies[2]["reason"]
+    assert [e["reason"] for e in applies[1:]] == ["would_strand_inventory"] * 2
+    assert "der-gateway" in applies[1]["body"]["detail"] and "weeknights" in applies[2]["body"]["detail"]
 
     # Once the inventory no longer needs them, the same policies apply.
     for asset in ("der-1", "der-2"):
