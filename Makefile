@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 # The controller's tests run on SQLite and on this local PostgreSQL (loopback only).
 PG_TEST_URL := postgresql+psycopg://wicket_test:wicket_test@127.0.0.1:5432/postgres
 
-.PHONY: setup system venv pg demo test test-fast lint bench sweep clean
+.PHONY: setup system venv pg demo test test-fast lint bench bench-lanes bench-policy sweep clean
 
 setup: system venv
 
@@ -56,8 +56,15 @@ lint: venv
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/ruff check nodeagent controller tests bench
 
-bench: setup
+# Each benchmark writes its own section of docs/benchmarks.md (and its raw numbers to docs/bench/).
+bench: bench-lanes bench-policy
+
+bench-lanes: setup
 	$(PY) -m bench.lanes $(BENCH_ARGS)
+
+# Inventory import and policy evaluation, on SQLite and on the local PostgreSQL; about three minutes.
+bench-policy: setup pg
+	WICKET_TEST_POSTGRES_URL=$(PG_TEST_URL) $(PY) -m bench.policy $(BENCH_POLICY_ARGS)
 
 sweep: venv
 	$(PY) -m tests.lab sweep
