@@ -88,6 +88,8 @@ site read from the database, then the engine. Decisions per second, median (µs 
 | the same requests under the {tasks}-task policy | {dps(engine['tasks_big'])} | {dps(path['tasks_big'])} |
 {f"| headline, on PostgreSQL | | {dps(pg['path_headline'])} |" if pg_ok else ""}
 
+{"The PostgreSQL row is measured after `VACUUM ANALYZE` of the imported inventory (what autovacuum does within a minute of a bulk import), with the server on the same two cores as the bench: it is bound by round trips (a pool check and the query), not by CPU." if pg_ok else ""}
+
 Cost per decision, {n:,} over {small_devices:,} devices (same requests): path **{s['path_devices_full_vs_small']}**.
 {tasks} over {small_tasks} tasks (same requests): engine **{s['engine_tasks_big_vs_small']}**, path
 **{s['path_tasks_big_vs_small']}**. {_growth(s)}
