@@ -24,7 +24,7 @@ from . import events
 from .auth import Principal
 from .db import transaction
 from .errors import Invalid
-from .inventory import DEVICE_FIELDS, MANAGE_ROLES, Inventory, check_device
+from .inventory import DEVICE_FIELDS, MANAGE_ROLES, Inventory, bound_to, check_device
 from .inventory_schemas import DeviceCreate, ImportResult, ImportRowError
 from .models import Device, Site
 from .policy_schemas import CSV_MAX_CHARS
@@ -92,7 +92,7 @@ def import_devices(inventory: Inventory, caller: Principal, text: str, *, update
                     continue
                 owner = sim_owner.get((field, value))
                 if owner and owner != d.asset_id:
-                    problems.append(_err(row, field, f"{value} is already bound to {owner}"))
+                    problems.append(_err(row, field, f"{value} is already bound to {bound_to(caller, owner, existing[owner][3])}"))
                 if (field, value) in seen_sim and seen_sim[(field, value)][1] != d.asset_id:
                     problems.append(_err(row, field, f"{value} is also on line {seen_sim[(field, value)][0]}"))
                 seen_sim.setdefault((field, value), (row.line, d.asset_id))

@@ -182,7 +182,7 @@ class Inventory:
                 raise Conflict(f"device {body.asset_id} exists already")
             site = _site_by_name(s, body.site)
             problems = check_device(caller, policy, body, site, now=now)
-            problems += _unique_sim(s, body.iccid, body.eid, None)
+            problems += _unique_sim(s, caller, body.iccid, body.eid, None)
             _raise(problems)
             device = Device(asset_id=body.asset_id, site_id=site.id, revision=1, created_at=now, updated_at=now,
                             **{k: v for k, v in body.model_dump().items() if k not in ("asset_id", "site")})
@@ -207,7 +207,8 @@ class Inventory:
             merged = _revalidate(DeviceCreate, {**_device_fields(device), **changes, "asset_id": asset_id})
             site = _site_by_name(s, merged.site)
             problems = check_device(caller, policy, merged, site, now=now)
-            problems += _unique_sim(s, merged.iccid if "iccid" in changes else None, merged.eid if "eid" in changes else None, device.id)
+            problems += _unique_sim(s, caller, merged.iccid if "iccid" in changes else None,
+                                   merged.eid if "eid" in changes else None, device.id)
             _raise(problems)
             diff = {}
             for key, value in merged.model_dump().items():
@@ -330,13 +331,19 @@ def _raise(problems: list[FieldProblem]) -> None:
         raise FieldsInvalid(problems)
 
 
-def _unique_sim(s: Session, iccid: str | None, eid: str | None, own_id: int | None) -> list[FieldProblem]:
+def bound_to(caller: Principal, asset_id: str, site: str) -> str:
+    """The device a SIM identity is bound to, as the caller may see it: named only at sites they can read."""
+    return asset_id if caller.can(site, *READ_ROLES) else "a device at a site you cannot see"
+
+
+def _unique_sim(s: Session, caller: Principal, iccid: str | None, eid: str | None, own_id: int | None) -> list[FieldProblem]:
     problems = []
     for field, value in (("iccid", iccid), ("eid", eid)):
         if value:
-            other = s.scalar(select(Device.asset_id).where(getattr(Device, field) == value, Device.id != (own_id or -1)))
+            other = s.execute(select(Device.asset_id, Site.name).join(Site, Device.site_id == Site.id)
+                              .where(getattr(Device, field) == value, Device.id != (own_id or -1))).first()
             if other:
-                problems.append(FieldProblem(field, f"{value} is already bound to {other}"))
+                problems.append(FieldProblem(field, f"{value} is already bound to {bound_to(caller, *other)}"))
     return problems
 
 

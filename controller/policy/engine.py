@@ -384,8 +384,11 @@ def _approval(ctx: _Context) -> list[str]:
     reasons = []
     if ctx.task.approval.required:
         reasons.append(f"task {ctx.r.task!r} requires approval")
-    if ctx.r.user.kind == "contractor" or not set(ctx.roles_here) & (set(ctx.task.roles) - {"contractor"}):
+    if ctx.r.user.kind == "contractor":
         reasons.append("contractors always need approval")
+    elif not set(ctx.roles_here) & (set(ctx.task.roles) - {"contractor"}):
+        reasons.append(f"you ask as a contractor at {ctx.r.device.site} (your only role there that may request this "
+                       "task); contractors always need approval")
     return reasons
 
 

@@ -320,3 +320,14 @@ def test_a_site_admin_cannot_move_another_sites_device_by_import(ctl):
     dev = ctl.client.get(f"{API}/devices/dev-00001", headers=ctl.auth(ctl.admin_token())).json()
     assert dev["site"] == "south-1" and dev["revision"] == 1
     assert res.status_code in (403, 422), res.text
+
+
+def test_an_import_does_not_name_devices_at_sites_the_importer_cannot_see(ctl):
+    setup(ctl)
+    ctl.add_device("dev-00001", "south-1", addresses=["10.30.0.2"], iccid=iccid_for(1))
+    alice = ctl.add_user("alice", roles=[("site_admin", "north-1")])
+    res = do_import(ctl, to_csv([row(0, iccid=iccid_for(1))]), headers=person_headers(ctl, alice))
+    assert bad_rows(res) == [(2, "dev-00000", "iccid")]
+    assert "already bound to a device at a site you cannot see" in res.text and "dev-00001" not in res.text
+    # An admin, who sees every site, is told which device holds it.
+    assert "already bound to dev-00001" in do_import(ctl, to_csv([row(0, iccid=iccid_for(1))])).text

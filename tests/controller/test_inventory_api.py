@@ -363,6 +363,13 @@ def test_iccid_and_eid_are_unique_across_devices(ctl):
         res = ctl.client.patch(f"{API}/devices/rtu-b", json={field: value}, headers=ctl.step_up_admin())
         assert res.status_code == 422 and "already bound to rtu-a" in res.text
     assert ctl.client.get(f"{API}/devices/rtu-b", headers=admin(ctl)).json()["iccid"] == iccid_for(2)
+    # A site admin of south-1 learns that the SIM is taken, but not by which device elsewhere.
+    sam = ctl.add_user("sam", roles=[("site_admin", "south-1")])
+    for field, value in (("iccid", iccid_for(1)), ("eid", eid_for(1))):
+        res = ctl.client.post(f"{API}/devices", json={"asset_id": "rtu-s", "site": "south-1", "device_type": "substation-rtu",
+                                                     "addresses": ["10.30.0.9"], field: value}, headers=headers(ctl, sam, step_up=True))
+        assert res.status_code == 422 and "already bound to a device at a site you cannot see" in res.text, res.text
+        assert "rtu-a" not in res.text
     # Re-stating a device's own SIM is not a clash; freeing one lets another device take it.
     res = ctl.client.patch(f"{API}/devices/rtu-a", json={"iccid": iccid_for(1), "eid": eid_for(1)}, headers=ctl.step_up_admin())
     assert res.status_code == 200 and res.json()["revision"] == 1
