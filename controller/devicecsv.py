@@ -24,7 +24,7 @@ from . import events
 from .auth import Principal
 from .db import transaction
 from .errors import Invalid
-from .inventory import DEVICE_FIELDS, MANAGE_ROLES, Inventory, bound_to, check_device
+from .inventory import DEVICE_FIELDS, MANAGE_ROLES, Inventory, address_holders, bound_to, check_device
 from .inventory_schemas import DeviceCreate, ImportResult, ImportRowError
 from .models import Device, Site
 from .policy_schemas import CSV_MAX_CHARS
@@ -65,10 +65,10 @@ def import_devices(inventory: Inventory, caller: Principal, text: str, *, update
     with transaction(inventory.factory) as s:
         sites = {site.name: site for site in s.scalars(select(Site))}
         site_names = {site.id: name for name, site in sites.items()}
-        existing = {a: (i, ic, e, site_names[sid])
-                    for i, a, ic, e, sid in s.execute(select(Device.id, Device.asset_id, Device.iccid, Device.eid, Device.site_id))}
+        existing = {a: (i, ic, e, site_names[sid], tuple(addrs)) for i, a, ic, e, sid, addrs in
+                    s.execute(select(Device.id, Device.asset_id, Device.iccid, Device.eid, Device.site_id, Device.addresses))}
         sim_owner = {}
-        for asset, (_id, ic, e, _site) in existing.items():
+        for asset, (_id, ic, e, _site, _addrs) in existing.items():
             if ic:
                 sim_owner[("iccid", ic)] = asset
             if e:
@@ -96,6 +96,7 @@ def import_devices(inventory: Inventory, caller: Principal, text: str, *, update
                 if (field, value) in seen_sim and seen_sim[(field, value)][1] != d.asset_id:
                     problems.append(_err(row, field, f"{value} is also on line {seen_sim[(field, value)][0]}"))
                 seen_sim.setdefault((field, value), (row.line, d.asset_id))
+        problems += _address_clashes(caller, rows, existing)
         if problems:
             problems.sort(key=lambda p: (p.line, p.field))
             raise ImportRejected(problems)
@@ -151,6 +152,26 @@ def export_devices(inventory: Inventory, caller: Principal, site: str | None = N
         if page.next_after is None:
             return out.getvalue()
         after = page.next_after
+
+
+def _address_clashes(caller: Principal, rows: list[_Row], existing: dict) -> list[ImportRowError]:
+    """Rows whose device would share a LAN address with another device at its site, after the import:
+    the devices it leaves alone as they are, the ones in the file as the file says."""
+    in_file = {row.device.asset_id for row in rows}
+    placed = [(asset, site, addrs) for asset, (_i, _ic, _e, site, addrs) in existing.items() if asset not in in_file]
+    placed += [(row.device.asset_id, row.device.site, row.device.addresses) for row in rows]
+    holders: dict[tuple[str, str], set[str]] = {}
+    for asset, site, addrs in placed:
+        for address in addrs:
+            holders.setdefault((site, address), set()).add(asset)
+    out = []
+    for row in rows:
+        d = row.device
+        for address in d.addresses:
+            others = sorted(holders[(d.site, address)] - {d.asset_id})
+            if others:
+                out.append(_err(row, "addresses", f"{address} is also the address of {address_holders(caller, others, d.site)}"))
+    return out
 
 
 # ---- parsing ----

@@ -183,6 +183,7 @@ class Inventory:
             site = _site_by_name(s, body.site)
             problems = check_device(caller, policy, body, site, now=now)
             problems += _unique_sim(s, caller, body.iccid, body.eid, None)
+            problems += _unique_addresses(s, caller, site, body.addresses, None)
             _raise(problems)
             device = Device(asset_id=body.asset_id, site_id=site.id, revision=1, created_at=now, updated_at=now,
                             **{k: v for k, v in body.model_dump().items() if k not in ("asset_id", "site")})
@@ -209,6 +210,8 @@ class Inventory:
             problems = check_device(caller, policy, merged, site, now=now)
             problems += _unique_sim(s, caller, merged.iccid if "iccid" in changes else None,
                                    merged.eid if "eid" in changes else None, device.id)
+            if {"addresses", "site"} & set(changes):
+                problems += _unique_addresses(s, caller, site, merged.addresses, device.id)
             _raise(problems)
             diff = {}
             for key, value in merged.model_dump().items():
@@ -345,6 +348,24 @@ def _unique_sim(s: Session, caller: Principal, iccid: str | None, eid: str | Non
             if other:
                 problems.append(FieldProblem(field, f"{value} is already bound to {bound_to(caller, *other)}"))
     return problems
+
+
+def address_holders(caller: Principal, assets: list[str], site: str) -> str:
+    """Other devices at `site` that have an address, as the caller may see them."""
+    return ", ".join(assets) if caller.can(site, *READ_ROLES) else "another device at that site"
+
+
+def _unique_addresses(s: Session, caller: Principal, site: Site | None, addresses: list[str], own_id: int | None) -> list[FieldProblem]:
+    """A LAN address belongs to one device per site: the agent reaches and filters devices by it."""
+    if site is None or not addresses:
+        return []
+    wanted, holders = set(addresses), {}
+    for asset_id, addrs in s.execute(select(Device.asset_id, Device.addresses)
+                                     .where(Device.site_id == site.id, Device.id != (own_id or -1))):
+        for address in wanted.intersection(addrs):
+            holders.setdefault(address, []).append(asset_id)
+    return [FieldProblem("addresses", f"{a} is also the address of {address_holders(caller, sorted(holders[a]), site.name)}")
+            for a in addresses if a in holders]
 
 
 def _site_by_name(s: Session, name: str) -> Site | None:

@@ -78,6 +78,7 @@ class Harness:
         self.app = create_app(self.settings, clock=lambda: self.t)
         self.client = TestClient(self.app)
         self._admin_token: str | None = None
+        self.default_addresses: dict[str, int] = {}  # site → passports given a default address there
 
     # ---- time ----
 
@@ -154,8 +155,12 @@ class Harness:
         return res.json()
 
     def add_device(self, asset_id: str, site: str, device_type: str = "substation-rtu", **fields) -> dict:
-        body = {"asset_id": asset_id, "site": site, "device_type": device_type, "addresses": ["10.20.0.17"],
-                "lifecycle": "active", **fields}
+        """A passport; without `addresses`, the site's next free one from 10.20.0.17 (one address, one device per site)."""
+        if "addresses" not in fields:
+            n = self.default_addresses.get(site, 0)
+            self.default_addresses[site] = n + 1
+            fields["addresses"] = [f"10.20.{(17 + n) // 256}.{(17 + n) % 256}"]
+        body = {"asset_id": asset_id, "site": site, "device_type": device_type, "lifecycle": "active", **fields}
         res = self.client.post("/api/v1/devices", json=body, headers=self.step_up_admin())
         assert res.status_code == 201, res.text
         return res.json()

@@ -201,6 +201,11 @@ class KnownBug:
 KNOWN_BUGS: dict[str, KnownBug] = {}
 
 
+def _made_address(n: int) -> str:
+    """A LAN address of its own for the n-th device the matrix makes (one address, one device per site)."""
+    return f"10.20.{200 + n // 250}.{n % 250 + 1}"
+
+
 def split_key(key: str) -> tuple[str, str]:
     route, _sep, target = key.partition(" @")
     return route, target or "self"
@@ -460,13 +465,13 @@ class World:
         elif route == "POST /api/v1/sites/{name}/agents":
             body = {"name": f"agent-made-{n}", "description": "made by the matrix"}
         elif route == "POST /api/v1/devices":
-            body = {"asset_id": f"MADE-{n}", "site": site, "device_type": "substation-rtu", "addresses": ["10.20.0.17"],
+            body = {"asset_id": f"MADE-{n}", "site": site, "device_type": "substation-rtu", "addresses": [_made_address(n)],
                     "lifecycle": "active"}
         elif route == "POST /api/v1/devices/import":
             if target == "south-to-north":  # south-2's device, rewritten and moved to north-1
                 body = {"csv": f"{CSV_HEADER}{self.stock['device:south']},substation-rtu,{SITE},10.20.0.99\n", "update": True}
             else:
-                body = {"csv": f"{CSV_HEADER}MADE-{n},substation-rtu,{site},10.20.0.17\n"}
+                body = {"csv": f"{CSV_HEADER}MADE-{n},substation-rtu,{site},{_made_address(n)}\n"}
         elif route == "PATCH /api/v1/devices/{asset_id}":
             # @north-to-south: north-1's device, moved to south-2
             body = {"site": OTHER_SITE} if target == "north-to-south" else {"description": f"changed {n}"}

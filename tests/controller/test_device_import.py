@@ -331,3 +331,21 @@ def test_an_import_does_not_name_devices_at_sites_the_importer_cannot_see(ctl):
     assert "already bound to a device at a site you cannot see" in res.text and "dev-00001" not in res.text
     # An admin, who sees every site, is told which device holds it.
     assert "already bound to dev-00001" in do_import(ctl, to_csv([row(0, iccid=iccid_for(1))])).text
+
+
+def test_an_import_keeps_one_device_per_address_and_site(ctl):
+    setup(ctl)
+    ctl.add_device("dev-09000", "north-1", addresses=["10.20.0.1"])
+    clash_db, clash_file = row(0, addresses="10.20.0.1"), [row(2, addresses="10.20.9.9"), row(4, addresses="10.20.9.9")]
+    res = do_import(ctl, to_csv([clash_db, *clash_file, row(1, addresses="10.30.0.1")]))
+    assert bad_rows(res) == [(2, "dev-00000", "addresses"), (3, "dev-00002", "addresses"), (4, "dev-00004", "addresses")]
+    assert "10.20.0.1 is also the address of dev-09000" in res.text
+    assert "10.20.9.9 is also the address of dev-00004" in res.text and "10.20.9.9 is also the address of dev-00002" in res.text
+    # The same address at another site is another LAN; and an update may hand an address on within one file.
+    ctl.add_site("west-1", lan_networks=["10.20.0.0/16"])
+    handed_on = [row(0, addresses="10.20.0.1"), {**row(9000), "asset_id": "dev-09000", "addresses": "10.20.0.3"},
+                 row(6, site="west-1", addresses="10.20.0.3")]
+    res = do_import(ctl, to_csv(handed_on), update=True)
+    assert res.status_code == 200 and res.json()["created"] == 2 and res.json()["updated"] == 1, res.text
+    res = do_import(ctl, to_csv([row(8, addresses="10.20.0.3"), row(0, addresses="10.20.0.1")]), update=True)
+    assert bad_rows(res) == [(2, "dev-00008", "addresses")] and "also the address of dev-09000" in res.text

@@ -351,6 +351,27 @@ def test_each_invalid_device_field_is_refused_naming_the_field(ctl):
     assert res.status_code == 422 and problem_fields(res) == {"device_type", "addresses", "ports"}
 
 
+def test_a_lan_address_belongs_to_one_device_per_site(ctl):
+    two_sites(ctl)
+    ctl.add_site("west-1", lan_networks=[NORTH_NET])  # the same private range at another site is another LAN
+    ctl.add_device("rtu-a", "north-1", addresses=["10.20.0.5", "10.20.0.6"])
+    ctl.add_device("rtu-w", "west-1", addresses=["10.20.0.5"])
+    res = ctl.client.post(f"{API}/devices", json={"asset_id": "rtu-b", "site": "north-1", "device_type": "substation-rtu",
+                                                 "addresses": ["10.20.0.7", "10.20.0.6"]}, headers=ctl.step_up_admin())
+    assert res.status_code == 422 and problem_fields(res) == {"addresses"}, res.text
+    assert "10.20.0.6 is also the address of rtu-a" in res.text and "10.20.0.7" not in res.json()["detail"]
+    ctl.add_device("rtu-b", "north-1", addresses=["10.20.0.7"])
+    # Taking another device's address, or moving onto a site where the address is taken, is refused too.
+    res = ctl.client.patch(f"{API}/devices/rtu-b", json={"addresses": ["10.20.0.5"]}, headers=ctl.step_up_admin())
+    assert res.status_code == 422 and "10.20.0.5 is also the address of rtu-a" in res.text
+    res = ctl.client.patch(f"{API}/devices/rtu-w", json={"site": "north-1"}, headers=ctl.step_up_admin())
+    assert res.status_code == 422 and "10.20.0.5 is also the address of rtu-a" in res.text
+    # Its own addresses again, and a changed field next to them, are fine.
+    res = ctl.client.patch(f"{API}/devices/rtu-a", json={"addresses": ["10.20.0.6", "10.20.0.5"], "firmware": "2"},
+                           headers=ctl.step_up_admin())
+    assert res.status_code == 200, res.text
+
+
 def test_iccid_and_eid_are_unique_across_devices(ctl):
     two_sites(ctl)
     ctl.add_device("rtu-a", "north-1", iccid=iccid_for(1), eid=eid_for(1))
