@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import random
 import re
-import secrets
 import shutil
 import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -170,19 +168,11 @@ USERS = (  # username, kind, roles (site None: every site), a contractor's valid
 )
 
 
-@contextmanager
 def pg_database(base: str):
-    import psycopg
+    """A scratch database for one run (dropped after; a crashed run's are swept by the next)."""
+    from tests.pgscratch import scratch_database
 
-    name = "wicket_b_" + secrets.token_hex(5)
-    admin_url = base.replace("postgresql+psycopg://", "postgresql://")
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield base.rsplit("/", 1)[0] + "/" + name
-    finally:
-        with psycopg.connect(admin_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    return scratch_database(base, "wicket_b")
 
 
 # ---- generated policy, inventory and requests ----

@@ -12,12 +12,10 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psycopg
 import pyotp
 import pytest
 from fastapi.testclient import TestClient
@@ -25,6 +23,8 @@ from fastapi.testclient import TestClient
 from controller.app import create_app
 from controller.bootstrap import init
 from controller.settings import load
+
+from ..pgscratch import scratch_database
 
 PASSWORD = "correct horse battery staple"
 REPO = Path(__file__).resolve().parents[2]
@@ -57,15 +57,8 @@ def db_url(request, tmp_path):
     base = _pg_base()
     if not base:
         pytest.skip("no PostgreSQL: set WICKET_TEST_POSTGRES_URL (`make test` starts one and sets it)")
-    name = "wicket_t_" + secrets.token_hex(5)
-    admin_url = base.replace("postgresql+psycopg://", "postgresql://")
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield base.rsplit("/", 1)[0] + "/" + name
-    finally:
-        with psycopg.connect(admin_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with scratch_database(base, "wicket_t") as url:
+        yield url
 
 
 class Harness:
