@@ -652,13 +652,15 @@ def test_every_route_by_every_caller(ctl):
         pytest.fail(report("authorisation matrix", mismatches), pytrace=False)
 
 
-@pytest.mark.parametrize("bug", [pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=b.reason))
-                                 for name, b in KNOWN_BUGS.items()])
-def test_known_authorisation_bug(ctl, bug):
-    """The cells of one known bug, checked against the table: this fails (xfail) while the bug is there."""
-    w = World.build(ctl)
-    mismatches = [m for key, caller in KNOWN_BUGS[bug].cells for m in w.check(key, caller)]
-    assert not mismatches, report(bug, mismatches)
+if KNOWN_BUGS:  # none today; an empty parameter set would only show up as a skipped test
+
+    @pytest.mark.parametrize("bug", [pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=b.reason))
+                                     for name, b in KNOWN_BUGS.items()])
+    def test_known_authorisation_bug(ctl, bug):
+        """The cells of one known bug, checked against the table: this fails (xfail) while the bug is there."""
+        w = World.build(ctl)
+        mismatches = [m for key, caller in KNOWN_BUGS[bug].cells for m in w.check(key, caller)]
+        assert not mismatches, report(bug, mismatches)
 
 
 def step_up_callers(route: str) -> list[tuple[str, str]]:
