@@ -52,8 +52,8 @@ def check_policy(body: PolicyFilesIn, _caller: CurrentPrincipal, policies: Polic
 
 @router.post("/policy/diff", response_model=PolicyDiffOut, tags=["policy"], summary="What applying these files would change")
 def diff_policy(body: PolicyFilesIn, _caller: CurrentPrincipal, policies: PoliciesDep) -> PolicyDiffOut:
-    candidate, changes = policies.diff(body.files)
-    return PolicyDiffOut(version=candidate.version, active_version=policies.latest_version(), changes=changes)
+    candidate, active_version, changes = policies.diff(body.files)
+    return PolicyDiffOut(version=candidate.version, active_version=active_version, changes=changes)
 
 
 @router.post("/policy/apply", response_model=PolicyAppliedOut, tags=["policy"], summary="Apply policy files as the new version (admin, step-up)")

@@ -37,7 +37,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time, en
     app.state.settings, app.state.engine, app.state.auth, app.state.users = settings, engine, auth, Users(auth)
     app.state.policies = PolicyStore(auth)
     app.state.inventory = Inventory(auth, app.state.policies)
-    app.state.decisions = Decisions(auth, app.state.policies)
+    app.state.decisions = Decisions(auth, app.state.policies, engine)
     errors.install(app)
     app.include_router(router)
     app.include_router(inventory_router)

@@ -14,7 +14,6 @@ only, so two PATHs may not hold files of the same name.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -37,10 +36,10 @@ from .cli_common import (
     when,
 )
 from .policy import PolicyError, load_files
+from .policy.model import SECTIONS
+from .policy_schemas import FILE_NAME
 
 EXIT_DENY = 2
-SECTIONS = ("protocols", "destinations", "device_types", "tasks", "change_windows", "locations")
-FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # as the API accepts them (policy_schemas.FileName)
 
 policy_app = typer.Typer(help="Policy files: check, diff, apply, show, history, explain a decision.",
                          no_args_is_help=True, rich_markup_mode=None)

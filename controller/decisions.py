@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
-from sqlalchemy import bindparam, func, select
+from sqlalchemy import Engine, bindparam, func, select
 
 from .auth import Auth, Principal
 from .errors import Forbidden, NotFound
@@ -32,10 +32,10 @@ _FACTS = (select(User.username, User.kind, User.disabled, User.deleted_at, User.
 
 
 class Decisions:
-    def __init__(self, auth: Auth, policies: PolicyStore, active_sessions: Callable[[int], int] = lambda _user_id: 0):
+    def __init__(self, auth: Auth, policies: PolicyStore, engine: Engine,
+                 active_sessions: Callable[[int], int] = lambda _user_id: 0):
         self.auth, self.factory, self.policies = auth, auth.factory, policies
         self.active_sessions = active_sessions  # sessions arrive with the sessions issue; until then none are open
-        engine = auth.factory.kw["bind"]
         # The facts are one statement, its own consistent snapshot: on a server, autocommit saves the BEGIN
         # and ROLLBACK round trips (twice the decisions/s on PostgreSQL); on SQLite, switching modes costs more.
         self._reads = engine if engine.dialect.name == "sqlite" else engine.execution_options(isolation_level="AUTOCOMMIT")

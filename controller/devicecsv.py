@@ -16,6 +16,7 @@ import csv
 import hashlib
 import io
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from pydantic import ValidationError
 from sqlalchemy import insert, select, update
@@ -24,14 +25,14 @@ from . import events
 from .auth import Principal
 from .db import transaction
 from .errors import Invalid
-from .inventory import DEVICE_FIELDS, MANAGE_ROLES, Inventory, address_holders, bound_to, check_device
+from .inventory import DEVICE_FIELDS, MANAGE_ROLES, Inventory, check_device, shown_to
 from .inventory_schemas import DeviceCreate, ImportResult, ImportRowError
 from .models import Device, Site
 from .policy_schemas import CSV_MAX_CHARS
 
 COLUMNS = ("asset_id", *DEVICE_FIELDS)
 REQUIRED = ("asset_id", "device_type", "site", "addresses")
-MAX_ROWS, MAX_BYTES = 100_000, CSV_MAX_CHARS  # the API refuses a larger body first; this guards other callers
+MAX_ROWS, MAX_CHARS = 100_000, CSV_MAX_CHARS  # the API refuses a larger body first; this guards other callers
 
 
 class ImportRejected(Invalid):
@@ -47,6 +48,16 @@ class ImportRejected(Invalid):
         return {"rows": [r.model_dump() for r in self.rows]}
 
 
+class _Stored(NamedTuple):
+    """A passport already in the database, as an import checks against it."""
+
+    id: int
+    iccid: str | None
+    eid: str | None
+    site: str
+    addresses: tuple[str, ...]
+
+
 @dataclass
 class _Row:
     line: int
@@ -57,22 +68,22 @@ class _Row:
 def import_devices(inventory: Inventory, caller: Principal, text: str, *, update_existing: bool = False,
                    dry_run: bool = False, source: str | None = None) -> ImportResult:
     policy = inventory.policies.require_active()
-    if len(text) > MAX_BYTES:
-        raise Invalid(f"the file is larger than {MAX_BYTES // 1024 // 1024} Mi characters: split it")
+    if len(text) > MAX_CHARS:
+        raise Invalid(f"the file is larger than {MAX_CHARS // 1024 // 1024} Mi characters: split it")
     problems: list[ImportRowError] = []
     rows = _parse(text, problems)
     now = inventory.auth.now()
     with transaction(inventory.factory) as s:
         sites = {site.name: site for site in s.scalars(select(Site))}
         site_names = {site.id: name for name, site in sites.items()}
-        existing = {a: (i, ic, e, site_names[sid], tuple(addrs)) for i, a, ic, e, sid, addrs in
+        existing = {a: _Stored(i, ic, e, site_names[sid], tuple(addrs)) for i, a, ic, e, sid, addrs in
                     s.execute(select(Device.id, Device.asset_id, Device.iccid, Device.eid, Device.site_id, Device.addresses))}
         sim_owner = {}
-        for asset, (_id, ic, e, _site, _addrs) in existing.items():
-            if ic:
-                sim_owner[("iccid", ic)] = asset
-            if e:
-                sim_owner[("eid", e)] = asset
+        for asset, stored in existing.items():
+            if stored.iccid:
+                sim_owner[("iccid", stored.iccid)] = asset
+            if stored.eid:
+                sim_owner[("eid", stored.eid)] = asset
         seen_asset: dict[str, int] = {}
         seen_sim: dict[tuple[str, str], tuple[int, str]] = {}
         for row in rows:
@@ -82,7 +93,7 @@ def import_devices(inventory: Inventory, caller: Principal, text: str, *, update
             seen_asset.setdefault(d.asset_id, row.line)
             if d.asset_id in existing and not update_existing:
                 problems.append(_err(row, "asset_id", "exists already (import with --update to change existing passports)"))
-            elif d.asset_id in existing and not caller.can(existing[d.asset_id][3], *MANAGE_ROLES):
+            elif d.asset_id in existing and not caller.can(existing[d.asset_id].site, *MANAGE_ROLES):
                 problems.append(_err(row, "site", f"{d.asset_id} is at a site you do not manage; it cannot be changed or moved from here"))
             for p in check_device(caller, policy, d, sites.get(d.site), now=now):
                 problems.append(_err(row, p.field, p.error))
@@ -92,7 +103,7 @@ def import_devices(inventory: Inventory, caller: Principal, text: str, *, update
                     continue
                 owner = sim_owner.get((field, value))
                 if owner and owner != d.asset_id:
-                    problems.append(_err(row, field, f"{value} is already bound to {bound_to(caller, owner, existing[owner][3])}"))
+                    problems.append(_err(row, field, f"{value} is already bound to {shown_to(caller, existing[owner].site, [owner])}"))
                 if (field, value) in seen_sim and seen_sim[(field, value)][1] != d.asset_id:
                     problems.append(_err(row, field, f"{value} is also on line {seen_sim[(field, value)][0]}"))
                 seen_sim.setdefault((field, value), (row.line, d.asset_id))
@@ -111,7 +122,7 @@ def import_devices(inventory: Inventory, caller: Principal, text: str, *, update
                 created += 1
             else:
                 given = row.columns | {"site_id"}  # site is a required column
-                changed.append((existing[d.asset_id][0], {k: v for k, v in values.items() if k in given}))
+                changed.append((existing[d.asset_id].id, {k: v for k, v in values.items() if k in given}))
         if changed:
             current = {dev.id: dev for dev in s.scalars(select(Device).where(Device.id.in_([i for i, _ in changed])))}
             for device_id, values in changed:
@@ -154,11 +165,11 @@ def export_devices(inventory: Inventory, caller: Principal, site: str | None = N
         after = page.next_after
 
 
-def _address_clashes(caller: Principal, rows: list[_Row], existing: dict) -> list[ImportRowError]:
+def _address_clashes(caller: Principal, rows: list[_Row], existing: dict[str, _Stored]) -> list[ImportRowError]:
     """Rows whose device would share a LAN address with another device at its site, after the import:
     the devices it leaves alone as they are, the ones in the file as the file says."""
     in_file = {row.device.asset_id for row in rows}
-    placed = [(asset, site, addrs) for asset, (_i, _ic, _e, site, addrs) in existing.items() if asset not in in_file]
+    placed = [(asset, stored.site, stored.addresses) for asset, stored in existing.items() if asset not in in_file]
     placed += [(row.device.asset_id, row.device.site, row.device.addresses) for row in rows]
     holders: dict[tuple[str, str], set[str]] = {}
     for asset, site, addrs in placed:
@@ -170,7 +181,7 @@ def _address_clashes(caller: Principal, rows: list[_Row], existing: dict) -> lis
         for address in d.addresses:
             others = sorted(holders[(d.site, address)] - {d.asset_id})
             if others:
-                out.append(_err(row, "addresses", f"{address} is also the address of {address_holders(caller, others, d.site)}"))
+                out.append(_err(row, "addresses", f"{address} is also the address of {shown_to(caller, d.site, others)}"))
     return out
 
 

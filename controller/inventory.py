@@ -334,9 +334,9 @@ def _raise(problems: list[FieldProblem]) -> None:
         raise FieldsInvalid(problems)
 
 
-def bound_to(caller: Principal, asset_id: str, site: str) -> str:
-    """The device a SIM identity is bound to, as the caller may see it: named only at sites they can read."""
-    return asset_id if caller.can(site, *READ_ROLES) else "a device at a site you cannot see"
+def shown_to(caller: Principal, site: str, asset_ids: list[str]) -> str:
+    """Other devices named in an error, as the caller may see them: by asset ID only at sites they can read."""
+    return ", ".join(asset_ids) if caller.can(site, *READ_ROLES) else "a device at a site you cannot see"
 
 
 def _unique_sim(s: Session, caller: Principal, iccid: str | None, eid: str | None, own_id: int | None) -> list[FieldProblem]:
@@ -346,13 +346,9 @@ def _unique_sim(s: Session, caller: Principal, iccid: str | None, eid: str | Non
             other = s.execute(select(Device.asset_id, Site.name).join(Site, Device.site_id == Site.id)
                               .where(getattr(Device, field) == value, Device.id != (own_id or -1))).first()
             if other:
-                problems.append(FieldProblem(field, f"{value} is already bound to {bound_to(caller, *other)}"))
+                asset_id, site = other
+                problems.append(FieldProblem(field, f"{value} is already bound to {shown_to(caller, site, [asset_id])}"))
     return problems
-
-
-def address_holders(caller: Principal, assets: list[str], site: str) -> str:
-    """Other devices at `site` that have an address, as the caller may see them."""
-    return ", ".join(assets) if caller.can(site, *READ_ROLES) else "another device at that site"
 
 
 def _unique_addresses(s: Session, caller: Principal, site: Site | None, addresses: list[str], own_id: int | None) -> list[FieldProblem]:
@@ -364,7 +360,7 @@ def _unique_addresses(s: Session, caller: Principal, site: Site | None, addresse
                                      .where(Device.site_id == site.id, Device.id != (own_id or -1))):
         for address in wanted.intersection(addrs):
             holders.setdefault(address, []).append(asset_id)
-    return [FieldProblem("addresses", f"{a} is also the address of {address_holders(caller, sorted(holders[a]), site.name)}")
+    return [FieldProblem("addresses", f"{a} is also the address of {shown_to(caller, site.name, sorted(holders[a]))}")
             for a in addresses if a in holders]
 
 

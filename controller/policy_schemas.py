@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -17,7 +18,8 @@ from pydantic import (
 
 from .schemas import PRINTABLE, UtcTime, _In
 
-FileName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
+FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # the CLI checks local files with it before sending
+FileName = Annotated[str, StringConstraints(pattern=FILE_NAME.pattern)]
 
 
 def _text(value):

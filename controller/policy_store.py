@@ -51,11 +51,6 @@ class PolicyStore:
             self._cached, self._checked_at = (latest, policy), checked_at
         return policy
 
-    def latest_version(self) -> str | None:
-        """The newest applied version's hash, also when that version no longer loads (after an upgrade)."""
-        with self.factory() as s:
-            return s.scalar(select(PolicyVersion.version).order_by(PolicyVersion.id.desc()).limit(1))
-
     def require_active(self) -> Policy:
         policy = self.active()
         if policy is None:
@@ -68,11 +63,13 @@ class PolicyStore:
         except PolicyError as exc:
             raise PolicyInvalid(exc.problems) from None
 
-    def diff(self, files: dict[str, str]) -> tuple[Policy, list[str]]:
+    def diff(self, files: dict[str, str]) -> tuple[Policy, str | None, list[str]]:
+        """The candidate, the newest applied version it is compared with (stored content, so this works
+        also when that version no longer loads after an upgrade), and the changes."""
         candidate = self.check(files)
         with self.factory() as s:
             latest = s.scalar(select(PolicyVersion).order_by(PolicyVersion.id.desc()).limit(1))
-        return candidate, diff(latest.document if latest else None, candidate.canonical)
+        return candidate, latest.version if latest else None, diff(latest.document if latest else None, candidate.canonical)
 
     def apply(self, actor: Principal, files: dict[str, str], comment: str, source: str | None) -> tuple[PolicyVersion, list[str]]:
         """Apply files as the new version. A refusal after the step-up (the version is already active,

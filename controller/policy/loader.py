@@ -82,7 +82,7 @@ def load_files(files: dict[str, str]) -> Policy:
     unreadable = bool(problems)
     merged, origin = _merge(parsed, problems)
     document = _validate(merged, origin, problems)
-    if document is not None and not unreadable:  # references into an unreadable file would be reported as dangling
+    if not unreadable:  # references into an unreadable file would be reported as dangling
         _cross_check(document, {section: set(merged[section]) for section in SECTIONS}, origin, problems)
     if problems:
         raise PolicyError(problems)
@@ -135,9 +135,9 @@ def _merge(parsed: list[Located], problems: list[str]) -> tuple[dict, _Origin]:
     return merged, origin
 
 
-def _validate(merged: dict, origin: _Origin, problems: list[str]) -> PolicyDocument | None:
+def _validate(merged: dict, origin: _Origin, problems: list[str]) -> PolicyDocument:
     """The document of every entry that validates (problems name the others), so that references can
-    still be checked; None only if even that cannot be built."""
+    still be checked."""
     entries: dict = {}
     for section in SECTIONS:
         entries[section] = {}
@@ -155,11 +155,7 @@ def _validate(merged: dict, origin: _Origin, problems: list[str]) -> PolicyDocum
             entries["limits"] = Limits.model_validate(merged["limits"])
         except ValidationError as exc:
             _report(exc, ("limits",), origin[("limits", "")], problems)
-    try:
-        return PolicyDocument(**entries)
-    except ValidationError as exc:
-        _report(exc, (), origin.get(("limits", "")) or next(iter(origin.values())), problems)
-        return None
+    return PolicyDocument(**entries)  # the entries are validated models: nothing left to fail
 
 
 def _report(exc: ValidationError, prefix: tuple, located: Located, problems: list[str]) -> None:

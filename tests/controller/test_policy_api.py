@@ -6,11 +6,13 @@ Every test runs on SQLite and PostgreSQL (the `ctl` fixture)."""
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, timedelta
 
 import yaml
 
 from controller.policy import CHECKS
+from controller.policy_store import PolicyStore
 
 from .conftest import example_policy_files
 from .helpers import admin, headers, iso
@@ -167,6 +169,22 @@ def test_apply_needs_admin_and_step_up_and_records_the_changes(ctl):
     # Going back to an earlier version is a new apply, not a repeat.
     back = ctl.apply_policy(files, comment="back")
     assert back["version"] == first["version"] and back["changes"] == ["~ tasks.iec104-diagnostics.duration.max: 2h → 1h"]
+
+
+def test_another_replica_uses_a_new_policy_within_its_refresh_interval(ctl):
+    """Two controllers on one database: the one that applies uses the new version at once, the other
+    once its refresh interval has passed."""
+    ctl.apply_policy()
+    here = ctl.app.state.policies
+    there = PolicyStore(ctl.app.state.auth, refresh_seconds=0.3)
+    first = there.require_active().version
+    assert here.require_active().version == first
+    ctl.apply_policy(edited(lambda d: where(d, "tasks")["iec104-diagnostics"]["duration"].update(max="2h")))
+    second = here.require_active().version
+    assert second != first
+    assert there.require_active().version == first  # still within its interval
+    time.sleep(0.35)
+    assert there.require_active().version == second
 
 
 def test_apply_refuses_a_policy_that_strands_the_inventory(ctl):
