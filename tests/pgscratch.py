@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -25,7 +26,7 @@ def scratch_database(base: str, prefix: str) -> Iterator[str]:
         yield base.rsplit("/", 1)[0] + "/" + name
     finally:
         with psycopg.connect(admin_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            _drop(conn, name)
 
 
 def sweep(conn: psycopg.Connection, prefix: str) -> list[str]:
@@ -37,9 +38,22 @@ def sweep(conn: psycopg.Connection, prefix: str) -> list[str]:
         match = owned.match(name)
         if match and _alive(int(match.group(1))):
             continue
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        _drop(conn, name)
         dropped.append(name)
     return dropped
+
+
+def _drop(conn: psycopg.Connection, name: str, attempts: int = 100) -> None:
+    """DROP … WITH (FORCE) ends our own leftover connections, but may not end an autovacuum worker
+    (the server's, not ours) that has just started on the database: wait for it to finish."""
+    for attempt in range(attempts):
+        try:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            return
+        except psycopg.errors.InsufficientPrivilege:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.1)
 
 
 def _alive(pid: int) -> bool:
