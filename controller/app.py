@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
@@ -12,24 +13,44 @@ from . import __version__, errors
 from .api import router
 from .api_inventory import router as inventory_router
 from .api_policy import router as policy_router
+from .api_sessions import router as sessions_router
 from .auth import Auth
 from .db import make_engine, session_factory
 from .decisions import Decisions
 from .inventory import Inventory
+from .nodelink import LocalSocketLink, NoLink
 from .policy_store import PolicyStore
 from .security import keys as controller_keys
+from .session_clock import SessionClock
+from .session_lanes import Pusher
+from .session_queries import SessionQueries
+from .sessions import Sessions, active_count
 from .settings import Settings
 from .users import Users
 
 log = logging.getLogger("wicket.controller")
 
 
-def create_app(settings: Settings, *, clock: Callable[[], float] = time.time, engine=None) -> FastAPI:
+@asynccontextmanager
+async def _lifespan(app: FastAPI):
+    """The session clock runs while the service serves (not under a bare TestClient: tests tick by hand)."""
+    tick_ms = app.state.settings.tick_ms
+    if tick_ms:
+        app.state.session_clock.start(tick_ms / 1000)
+    try:
+        yield
+    finally:
+        app.state.session_clock.stop()
+
+
+def create_app(settings: Settings, *, clock: Callable[[], float] = time.time, engine=None, link=None) -> FastAPI:
+    """`link`: how lanes reach nodes (default: the lab's local agent sockets if configured, else none)."""
     keys = controller_keys.load(settings.keys_dir)
     engine = engine or make_engine(settings.database_url)
     factory = session_factory(engine)
     auth = Auth(settings, keys, factory, clock)
     app = FastAPI(
+        lifespan=_lifespan,
         title="wicket controller",
         version=__version__,
         description="Just-in-time access to field devices: identities, MFA and roles; inventory and passports; policy.",
@@ -37,11 +58,21 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time, en
     app.state.settings, app.state.engine, app.state.auth, app.state.users = settings, engine, auth, Users(auth)
     app.state.policies = PolicyStore(auth)
     app.state.inventory = Inventory(auth, app.state.policies)
-    app.state.decisions = Decisions(auth, app.state.policies, engine)
+    app.state.decisions = Decisions(auth, app.state.policies, engine, active_sessions=lambda uid: active_count(factory, uid))
+    if link is None:
+        link = LocalSocketLink(settings.agent_sockets) if settings.agent_sockets else NoLink()
+        if settings.agent_sockets:
+            log.warning("lanes reach agents through local control sockets (%s): a lab transport, not for production",
+                        ", ".join(sorted(settings.agent_sockets)))
+    pusher = Pusher(factory, link, auth.now)
+    app.state.sessions = Sessions(auth, app.state.policies, app.state.decisions, pusher, settings)
+    app.state.session_queries = SessionQueries(auth)
+    app.state.session_clock = SessionClock(app.state.sessions, warn_before_s=settings.warn_before_s)
     errors.install(app)
     app.include_router(router)
     app.include_router(inventory_router)
     app.include_router(policy_router)
+    app.include_router(sessions_router)
 
     @app.get("/healthz", tags=["health"], summary="Liveness")
     def healthz() -> dict:

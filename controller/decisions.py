@@ -35,13 +35,13 @@ class Decisions:
     def __init__(self, auth: Auth, policies: PolicyStore, engine: Engine,
                  active_sessions: Callable[[int], int] = lambda _user_id: 0):
         self.auth, self.factory, self.policies = auth, auth.factory, policies
-        self.active_sessions = active_sessions  # sessions arrive with the sessions issue; until then none are open
+        self.active_sessions = active_sessions  # the user's active sessions, for the concurrency check
         # The facts are one statement, its own consistent snapshot: on a server, autocommit saves the BEGIN
         # and ROLLBACK round trips (twice the decisions/s on PostgreSQL); on SQLite, switching modes costs more.
         self._reads = engine if engine.dialect.name == "sqlite" else engine.execution_options(isolation_level="AUTOCOMMIT")
 
     def decide(self, *, user_id: int, asset_id: str, task: str, duration: timedelta | None, source: str | None,
-               at: datetime | None = None) -> Decision:
+               at: datetime | None = None, break_glass: bool = False) -> Decision:
         policy = self.policies.require_active()
         # One column query and no ORM objects: loading whole rows was most of a decision's time
         # (docs/benchmarks.md, "Policy decisions").
@@ -56,7 +56,7 @@ class Decisions:
         user = user_facts(found, roles, self.active_sessions(user_id))
         device, site = device_facts(found, found.name), site_facts(found)
         request = AccessRequest(user=user, device=device, site=site, task=task, duration=duration,
-                                at=at or self.auth.now(), source=source)
+                                at=at or self.auth.now(), source=source, break_glass=break_glass)
         return evaluate(policy, request)
 
     def explain(self, caller: Principal, *, username: str | None, asset_id: str, task: str, duration: timedelta | None,

@@ -65,6 +65,14 @@ class Conflict(DomainError):
     status, code = 409, "conflict"
 
 
+class Gone(DomainError):
+    status, code = 410, "gone"
+
+
+class NodeUnavailable(DomainError):
+    status, code = 503, "node_unavailable"
+
+
 class Throttled(DomainError):
     status, code = 429, "throttled"
 

@@ -48,6 +48,7 @@ class Role(StrEnum):
     site_admin = "site_admin"
     soc = "soc"
     admin = "admin"
+    break_glass = "break_glass"  # may open break-glass sessions at the grant's site
 
 
 class AccountKind(StrEnum):
@@ -200,6 +201,8 @@ class NodeAgent(Base):
     site_id: Mapped[int] = mapped_column(ForeignKey("sites.id", ondelete="RESTRICT"), index=True)
     description: Mapped[str] = mapped_column(String(256), default="")
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    # Bumped in the same transaction as any change to the node's lanes; the agent never applies an older one.
+    generation: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class Device(Base):
@@ -240,6 +243,104 @@ class PolicyVersion(Base):
     comment: Mapped[str] = mapped_column(String(500), default="")
     applied_at: Mapped[datetime] = mapped_column(UtcDateTime)
     applied_by: Mapped[str] = mapped_column(String(64))
+
+
+class SessionState(StrEnum):
+    denied = "denied"
+    pending_approval = "pending_approval"
+    approved = "approved"
+    rejected = "rejected"
+    active = "active"
+    closed = "closed"
+    expired = "expired"
+    revoked = "revoked"
+
+
+class AccessSession(Base):
+    """One request for one task on one device by one person, from request to its end. A session is
+    only ever changed by a compare-and-set on `state` (controller.sessions), so two replicas, or an API
+    call racing the clock, cannot both move it."""
+
+    __tablename__ = "access_sessions"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="RESTRICT"), index=True)
+    username: Mapped[str] = mapped_column(String(64))
+    asset_id: Mapped[str] = mapped_column(String(64), index=True)
+    site: Mapped[str] = mapped_column(String(64), index=True)
+    node: Mapped[str | None] = mapped_column(String(64))
+    task: Mapped[str] = mapped_column(String(48))
+    reason: Mapped[str] = mapped_column(String(500))
+    incident: Mapped[str | None] = mapped_column(String(64))
+    break_glass: Mapped[bool] = mapped_column(Boolean, default=False)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    source: Mapped[str | None] = mapped_column(String(64))
+    duration_s: Mapped[int] = mapped_column(Integer)
+    approvals_required: Mapped[int] = mapped_column(Integer, default=0)
+    policy_version: Mapped[str] = mapped_column(String(71))
+    decision: Mapped[dict] = mapped_column(JSON)  # the decision at request time, with its trace
+    recording: Mapped[str] = mapped_column(String(16), default="metadata")
+    requested_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime)  # a pending request or an unused approval lapses
+    approved_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    activated_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    end_at: Mapped[datetime | None] = mapped_column(UtcDateTime, index=True)  # planned end while active
+    ended_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    end_reason: Mapped[str | None] = mapped_column(String(64))
+    ended_by: Mapped[str | None] = mapped_column(String(64))
+    checked_policy: Mapped[str | None] = mapped_column(String(71))  # the policy version an active session was last held against
+    warned_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    extensions: Mapped[list] = mapped_column(JSON, default=list)  # granted: [{by_s, reason_code, at, actor}]
+    extension_request: Mapped[dict | None] = mapped_column(JSON)  # one awaiting re-approval
+    key_mode: Mapped[str | None] = mapped_column(String(8))  # minted | byok
+    engineer_public_key: Mapped[str | None] = mapped_column(String(64))
+    sealed_private_key: Mapped[str | None] = mapped_column(String(256))  # minted key, sealed; erased at download or end
+    node_public_key: Mapped[str | None] = mapped_column(String(64))
+    tunnel_address: Mapped[str | None] = mapped_column(String(45))
+    device_address: Mapped[str | None] = mapped_column(String(45))
+    listen_port: Mapped[int | None] = mapped_column(Integer)
+    flows: Mapped[list] = mapped_column(JSON, default=list)  # [{protocol, transport, port}]
+    lane_revision: Mapped[int] = mapped_column(Integer, default=0)
+    config_downloaded_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    reviewed_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    reviewed_by: Mapped[str | None] = mapped_column(String(64))
+    review_note: Mapped[str | None] = mapped_column(String(1000))
+    review_reminded_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+    approvals: Mapped[list[SessionApproval]] = relationship(back_populates="session", lazy="selectin",
+                                                           order_by="SessionApproval.id", cascade="all, delete-orphan")
+
+
+class SessionApproval(Base):
+    """One approver's answer to a request (kind "request") or to an extension (kind "extension:N")."""
+
+    __tablename__ = "session_approvals"
+    __table_args__ = (UniqueConstraint("session_id", "kind", "approver_id", name="uq_session_approval"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    session_id: Mapped[str] = mapped_column(ForeignKey("access_sessions.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(24))
+    approver_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="RESTRICT"))
+    approver: Mapped[str] = mapped_column(String(64))
+    verdict: Mapped[str] = mapped_column(String(8))  # approve | reject
+    reason: Mapped[str] = mapped_column(String(500))
+    at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+    session: Mapped[AccessSession] = relationship(back_populates="approvals")
+
+
+class LaneLease(Base):
+    """A tunnel address and a listen port held by one active session. The unique constraints make two
+    sessions at a site unable to hold the same one, whichever replica allocates."""
+
+    __tablename__ = "lane_leases"
+    __table_args__ = (UniqueConstraint("site_id", "address", name="uq_lease_address"),
+                      UniqueConstraint("site_id", "port", name="uq_lease_port"))
+
+    session_id: Mapped[str] = mapped_column(ForeignKey("access_sessions.id", ondelete="CASCADE"), primary_key=True)
+    site_id: Mapped[int] = mapped_column(ForeignKey("sites.id", ondelete="RESTRICT"))
+    address: Mapped[str] = mapped_column(String(45))
+    port: Mapped[int] = mapped_column(Integer)
 
 
 def now() -> datetime:

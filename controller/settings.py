@@ -45,6 +45,12 @@ class Settings:
     trust_forwarded_for: bool = False  # behind a reverse proxy that sets X-Forwarded-For
     cookie_secure: bool = True
     totp_issuer: str = "wicket"
+    request_ttl_s: int = 8 * 3600  # a request nobody answered lapses
+    approval_ttl_s: int = 3600  # an approval not used to open the session lapses
+    warn_before_s: int = 300  # the engineer is warned this long before the end
+    tick_ms: int = 1000  # the session clock's period; 0: no clock thread (tests tick by hand)
+    keepalive_s: int = 25  # PersistentKeepalive in engineers' configs (NAT, private APNs)
+    agent_sockets: dict[str, str] = field(default_factory=dict)  # LAB ONLY: node → agent control socket
 
     @property
     def keys_dir(self) -> Path:
@@ -80,10 +86,25 @@ def load(env: dict[str, str] | None = None) -> Settings:
         ),
         trust_forwarded_for=_bool(env, "WICKET_TRUST_FORWARDED_FOR", False),
         cookie_secure=_bool(env, "WICKET_COOKIE_SECURE", True),
+        request_ttl_s=_int(env, "WICKET_REQUEST_TTL_S", 8 * 3600, low=60, high=7 * 86400),
+        approval_ttl_s=_int(env, "WICKET_APPROVAL_TTL_S", 3600, low=60, high=86400),
+        warn_before_s=_int(env, "WICKET_WARN_BEFORE_S", 300, low=0, high=3600),
+        tick_ms=_int(env, "WICKET_SESSION_TICK_MS", 1000, low=0, high=60000),
+        keepalive_s=_int(env, "WICKET_KEEPALIVE_S", 25, low=0, high=3600),
+        agent_sockets=_sockets(env),
     )
     if settings.token_idle_s > settings.token_max_s:
         raise SettingsError("WICKET_TOKEN_IDLE_S must not exceed WICKET_TOKEN_MAX_S")
     return settings
+
+
+def _sockets(env) -> dict[str, str]:
+    from .nodelink import parse_sockets
+
+    try:
+        return parse_sockets(env.get("WICKET_AGENT_SOCKETS", ""))
+    except ValueError as exc:
+        raise SettingsError(f"WICKET_AGENT_SOCKETS: {exc}") from None
 
 
 def _int(env, key, default, low=1, high=1 << 30) -> int:

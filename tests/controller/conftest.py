@@ -25,6 +25,7 @@ from controller.bootstrap import init
 from controller.settings import load
 
 from ..pgscratch import scratch_database
+from .fakenode import FakeNodes
 
 PASSWORD = "correct horse battery staple"
 REPO = Path(__file__).resolve().parents[2]
@@ -63,12 +64,14 @@ def db_url(request, tmp_path):
 
 class Harness:
     def __init__(self, tmp_path, db_url: str, extra_env: dict | None = None):
-        env = {"WICKET_DATA_DIR": str(tmp_path / "data"), "WICKET_DATABASE_URL": db_url, **(extra_env or {})}
+        env = {"WICKET_DATA_DIR": str(tmp_path / "data"), "WICKET_DATABASE_URL": db_url, "WICKET_SESSION_TICK_MS": "0",
+               **(extra_env or {})}
         self.settings = load(env)
         self.t = time.time()
         result = init(self.settings, "root", "First Admin", PASSWORD)
         self.admin = Person("root", PASSWORD, _secret(result.enrolment.otpauth_uri), user_id=1, roles=[("admin", None)])
-        self.app = create_app(self.settings, clock=lambda: self.t)
+        self.nodes = FakeNodes()  # in-process stand-in for agents; the lab tests use the real one
+        self.app = create_app(self.settings, clock=lambda: self.t, link=self.nodes)
         self.client = TestClient(self.app)
         self._admin_token: str | None = None
         self.default_addresses: dict[str, int] = {}  # site → passports given a default address there
@@ -157,6 +160,14 @@ class Harness:
         res = self.client.post("/api/v1/devices", json=body, headers=self.step_up_admin())
         assert res.status_code == 201, res.text
         return res.json()
+
+    def add_agent(self, site: str, name: str) -> None:
+        res = self.client.post(f"/api/v1/sites/{site}/agents", json={"name": name}, headers=self.step_up_admin())
+        assert res.status_code == 201, res.text
+
+    def tick(self):
+        """One turn of the session clock (the service runs it every second; tests turn it by hand)."""
+        return self.app.state.session_clock.tick()
 
     def events(self, **params) -> list[dict]:
         res = self.client.get("/api/v1/events", params={"limit": 1000, **params}, headers=self.auth(self.admin_token()))

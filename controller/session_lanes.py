@@ -1,0 +1,148 @@
+"""A session's lane on the controller side: its keys, its tunnel address and port, the node's desired
+state built from active sessions, and handing that state to the node.
+
+The desired state is level-triggered: it is always rebuilt from the database (every active session of
+the node whose end is still ahead), stamped with the node's generation, which every change to the node's
+lanes bumps in the same transaction. A push that fails is retried by the session clock until the node
+has the newest generation.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import logging
+import random
+import threading
+from datetime import datetime
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from nodeagent.wire import DesiredNodeState, FlowSpec, LaneSpec, NodeSettings, ReconcileReport
+
+from .errors import Conflict
+from .models import AccessSession, LaneLease, NodeAgent, SessionState, Site
+from .nodelink import LinkError, NodeLink
+
+log = logging.getLogger("wicket.controller.lanes")
+ALLOCATION_TRIES = 8
+
+
+def mint_keypair() -> tuple[str, str]:
+    """A fresh WireGuard (Curve25519) keypair, base64: (private, public)."""
+    key = X25519PrivateKey.generate()
+    private = key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+    public = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    return base64.b64encode(private).decode(), base64.b64encode(public).decode()
+
+
+def node_for(s: Session, site: Site) -> str:
+    """The site's agent that carries its lanes: the first registered, by name."""
+    name = s.scalar(select(NodeAgent.name).where(NodeAgent.site_id == site.id).order_by(NodeAgent.name).limit(1))
+    if name is None:
+        raise Conflict(f"site {site.name} has no node agent registered: a site admin adds one "
+                       f"(`wicket site agent-add {site.name} NAME`) before lanes can open there")
+    return name
+
+
+def lease(s: Session, session_id: str, site: Site) -> tuple[str, int]:
+    """A free tunnel address and listen port at the site, held until `release`. The unique constraints
+    decide a race between replicas; the loser picks again."""
+    pool = ipaddress.ip_network(site.tunnel_pool)
+    for _ in range(ALLOCATION_TRIES):
+        held = s.execute(select(LaneLease.address, LaneLease.port).where(LaneLease.site_id == site.id)).all()
+        used_addresses, used_ports = {a for a, _ in held}, {p for _, p in held}
+        address = next((str(h) for h in pool.hosts() if str(h) not in used_addresses), None)
+        if address is None:
+            raise Conflict(f"site {site.name}'s tunnel pool {site.tunnel_pool} is exhausted: every address is in use")
+        free_ports = site.port_max - site.port_min + 1 - len(used_ports)
+        if free_ports <= 0:
+            raise Conflict(f"site {site.name}'s lane ports {site.port_min}-{site.port_max} are all in use")
+        port = _free_port(site.port_min, site.port_max, used_ports)
+        try:
+            with s.begin_nested():
+                s.add(LaneLease(session_id=session_id, site_id=site.id, address=address, port=port))
+            return address, port
+        except IntegrityError:
+            continue
+    raise Conflict(f"could not allocate a tunnel address and port at site {site.name}: too many concurrent activations, try again")
+
+
+def release(s: Session, session_id: str) -> None:
+    lease_row = s.get(LaneLease, session_id)
+    if lease_row is not None:
+        s.delete(lease_row)
+
+
+def bump(s: Session, node: str) -> None:
+    s.execute(update(NodeAgent).where(NodeAgent.name == node).values(generation=NodeAgent.generation + 1))
+
+
+def _free_port(low: int, high: int, used: set[int]) -> int:
+    # Random, not lowest-first: a port just freed is not handed straight to the next engineer.
+    for _ in range(32):
+        port = random.randint(low, high)
+        if port not in used:
+            return port
+    return next(p for p in range(low, high + 1) if p not in used)
+
+
+def desired_state(s: Session, node: str, now: datetime) -> DesiredNodeState:
+    """The node's complete desired state now: one lane per active session whose end is ahead."""
+    agent = s.scalar(select(NodeAgent).where(NodeAgent.name == node))
+    if agent is None:
+        raise LookupError(node)
+    site = s.get(Site, agent.site_id)
+    rows = s.scalars(select(AccessSession).where(AccessSession.node == node, AccessSession.state == SessionState.active.value,
+                                                 AccessSession.end_at > now).order_by(AccessSession.id)).all()
+    lanes = [lane_spec(r) for r in rows if r.engineer_public_key and r.tunnel_address and r.listen_port]
+    settings = NodeSettings(tunnel_networks=[ipaddress.ip_network(site.tunnel_pool)], endpoint_host=site.public_endpoint)
+    return DesiredNodeState(node_id=node, generation=agent.generation, issued_at=now, settings=settings, lanes=lanes)
+
+
+def lane_spec(r: AccessSession) -> LaneSpec:
+    flows = [FlowSpec(transport=f["transport"], port=f["port"]) for f in r.flows]
+    return LaneSpec(session_id=r.id, revision=r.lane_revision, device_id=r.asset_id, engineer_public_key=r.engineer_public_key,
+                    engineer_address=r.tunnel_address, device_address=r.device_address, service=r.flows[0]["protocol"],
+                    flows=flows, listen_port=r.listen_port, end_time=r.end_at)
+
+
+class Pusher:
+    """Hands nodes their desired state and remembers the newest generation each node took."""
+
+    def __init__(self, factory, link: NodeLink, clock):
+        self.factory, self.link, self.clock = factory, link, clock
+        self.applied: dict[str, int] = {}
+        self._lock = threading.Lock()  # one push per controller at a time keeps generations in order
+
+    def push(self, node: str) -> ReconcileReport:
+        """Raises LinkError when the node cannot be reached or refuses."""
+        with self._lock:
+            with self.factory() as s:
+                desired = desired_state(s, node, self.clock())
+            report = self.link.push(desired)
+            self.applied[node] = max(self.applied.get(node, -1), desired.generation)
+            if report.errors:
+                log.warning("node %s applied generation %s with errors: %s", node, desired.generation, "; ".join(report.errors))
+            return report
+
+    def push_quietly(self, nodes) -> dict[str, str]:
+        """Push each node; failures are returned (node → error) and retried by the session clock."""
+        failed = {}
+        for node in sorted(set(filter(None, nodes))):
+            try:
+                self.push(node)
+            except LinkError as exc:
+                failed[node] = str(exc)
+                log.warning("push to node %s failed: %s", node, exc)
+        return failed
+
+    def behind(self) -> list[str]:
+        """Nodes whose newest generation has not been handed over by this controller."""
+        with self.factory() as s:
+            rows = s.execute(select(NodeAgent.name, NodeAgent.generation)).all()
+        return [name for name, gen in rows if gen > self.applied.get(name, 0)]

@@ -1,0 +1,550 @@
+"""Sessions: request, approval, activation, one-time config, extension, close, revoke, break-glass, review.
+
+  denied | pending_approval ─approve×N→ approved ─activate→ active ─→ closed | expired | revoked
+                            └─reject→ rejected
+
+Every change to a session happens in one transaction that first locks its row (an UPDATE, which
+serialises writers on SQLite and PostgreSQL alike), re-reads it, checks the move is still allowed, and
+writes the audit event with the policy decision. An approval is used up by the activation it allows;
+an unused one lapses (`expires_at`). The lane itself is handed to the node after the commit
+(`session_lanes.Pusher`); the agent enforces the end time on its own clock.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from . import events, session_lanes
+from .auth import Auth, Principal
+from .db import transaction
+from .decisions import Decisions
+from .errors import Conflict, Forbidden, Gone, Invalid, NodeUnavailable, NotFound
+from .models import AccessSession, Device, NodeAgent, SessionApproval, SessionState, Site
+from .nodelink import LinkError
+from .policy import DENY, Decision
+from .policy.durations import format_duration
+from .policy_store import PolicyStore
+from .settings import Settings
+from .wgconf import EngineerConfig, render
+
+S = SessionState
+OPEN = (S.pending_approval.value, S.approved.value, S.active.value)
+ENDED = (S.denied.value, S.rejected.value, S.closed.value, S.expired.value, S.revoked.value)
+READERS = ("approver", "soc", "admin", "site_admin")  # may see every session at a site
+REVOKERS = ("approver", "soc", "admin")
+REVIEWERS = ("approver", "soc", "admin")
+# On a re-check of a running session these checks do not end it: the clock already bounds it (duration,
+# which extensions may take past the task's default), it is one of the sessions counted (concurrency),
+# and a device falling silent during the work is not the engineer's doing (device_seen).
+RECHECK_IGNORES = frozenset({"duration", "concurrency", "device_seen"})
+
+
+@dataclass(frozen=True)
+class Opened:
+    session: AccessSession
+    activation_error: str | None = None
+
+
+class Sessions:
+    def __init__(self, auth: Auth, policies: PolicyStore, decisions: Decisions, pusher: session_lanes.Pusher, settings: Settings):
+        self.auth, self.factory, self.policies, self.decisions = auth, auth.factory, policies, decisions
+        self.pusher, self.settings = pusher, settings
+
+    # ---- request ----
+
+    def request(self, caller: Principal, *, asset_id: str, task: str, duration: timedelta | None, reason: str,
+                public_key: str | None, source: str | None, activate: bool = True) -> Opened:
+        """A request, decided at once: denied, pending approval, or approved (and then activated)."""
+        site = self._visible_site(caller, asset_id)
+        decision = self.decisions.decide(user_id=caller.user_id, asset_id=asset_id, task=task, duration=duration, source=source)
+        now = self.auth.now()
+        if decision.outcome == DENY:
+            state, expires = S.denied, None
+        elif decision.approvals_required:
+            state, expires = S.pending_approval, now + timedelta(seconds=self.settings.request_ttl_s)
+        else:
+            state, expires = S.approved, now + timedelta(seconds=self.settings.approval_ttl_s)
+        with transaction(self.factory) as s:
+            row = self._new(s, caller, asset_id, site, task, reason, decision, state, expires, source, now,
+                            public_key=public_key, break_glass=False, incident=None)
+            events.record(s, at=now, category="session", type="session.request", result="failure" if state == S.denied else "success",
+                          actor_id=caller.user_id, actor=caller.username, subject=row.id, source=source,
+                          reason=_code(decision.failed[0]) if decision.failed else None, state=state.value,
+                          **_context(row), request_reason=reason, **_decision_body(decision))
+        if state == S.approved and activate:
+            try:
+                return Opened(self._activate(caller, row.id, public_key, source, approved_by_policy=True))
+            except (Conflict, NodeUnavailable, Forbidden) as exc:
+                return Opened(self._get(row.id), activation_error=exc.detail)
+        return Opened(self._get(row.id))
+
+    def break_glass(self, caller: Principal, *, asset_id: str, task: str, duration: timedelta | None, reason: str,
+                    incident: str, public_key: str | None, source: str | None) -> AccessSession:
+        """Emergency access: no approval, a shorter maximum, payload recording, a loud event, a review owed."""
+        site = self._visible_site(caller, asset_id)
+        decision = self.decisions.decide(user_id=caller.user_id, asset_id=asset_id, task=task, duration=duration,
+                                         source=source, break_glass=True)
+        now = self.auth.now()
+        state = S.denied if decision.outcome == DENY else S.approved
+        with transaction(self.factory) as s:
+            row = self._new(s, caller, asset_id, site, task, reason, decision, state, now + timedelta(minutes=5), source, now,
+                            public_key=public_key, break_glass=True, incident=incident)
+            events.record(s, at=now, category="session", type="break_glass.open", result="failure" if state == S.denied else "success",
+                          actor_id=caller.user_id, actor=caller.username, subject=row.id, source=source,
+                          reason=_code(decision.failed[0]) if decision.failed else None, severity="high", state=state.value,
+                          incident=incident, request_reason=reason, **_context(row), **_decision_body(decision))
+        if state == S.denied:
+            raise _Denied(decision, row.id)
+        return self._activate(caller, row.id, public_key, source, approved_by_policy=True)
+
+    def _new(self, s: Session, caller, asset_id, site, task, reason, decision: Decision, state, expires, source, now, *,
+             public_key, break_glass, incident) -> AccessSession:
+        row = AccessSession(
+            id=new_id(), user_id=caller.user_id, username=caller.username, asset_id=asset_id, site=site, task=task,
+            reason=reason, incident=incident, break_glass=break_glass, state=state.value, source=source,
+            duration_s=int(decision.duration.total_seconds()) if decision.duration else 0,
+            approvals_required=decision.approvals_required, policy_version=decision.policy_version,
+            decision=decision.as_dict(), recording=decision.recording or "metadata", requested_at=now, expires_at=expires,
+            approved_at=now if state == S.approved else None, extensions=[], flows=[], lane_revision=0,
+            key_mode="byok" if public_key else None, engineer_public_key=public_key,
+        )
+        s.add(row)
+        s.flush()
+        return row
+
+    # ---- approval ----
+
+    def answer(self, caller: Principal, sid: str, *, approve: bool, reason: str, source: str | None) -> AccessSession:
+        """An approver's answer to a pending request, or to an extension awaiting re-approval."""
+        now = self.auth.now()
+        pushed = None
+        with transaction(self.factory) as s:
+            row = self._lock(s, caller, sid)
+            if not caller.can(row.site, "approver"):
+                raise Forbidden(f"approving needs the approver role at site {row.site}")
+            if row.user_id == caller.user_id:
+                self._refuse(caller, row, "session.approve", "self_approval", source, now)
+                raise Forbidden("nobody approves their own request: another approver must")
+            if row.state == S.pending_approval.value:
+                kind = "request"
+            elif row.state == S.active.value and row.extension_request:
+                kind = f"extension:{len(row.extensions) + 1}"
+            else:
+                raise Conflict(f"session {sid} is {row.state}: there is nothing to approve")
+            try:
+                with s.begin_nested():
+                    s.add(SessionApproval(session_id=sid, kind=kind, approver_id=caller.user_id, approver=caller.username,
+                                          verdict="approve" if approve else "reject", reason=reason, at=now))
+            except IntegrityError:
+                raise Conflict(f"you have already answered this {kind.split(':')[0]}") from None
+            s.flush()
+            s.refresh(row)
+            if kind == "request":
+                self._answer_request(s, caller, row, approve, reason, source, now)
+            else:
+                pushed = self._answer_extension(s, caller, row, kind, approve, reason, source, now)
+        if pushed:
+            self.pusher.push_quietly([pushed])
+        return self._get(sid)
+
+    def _answer_request(self, s, caller, row: AccessSession, approve: bool, reason, source, now) -> None:
+        approvals = [a for a in row.approvals if a.kind == "request" and a.verdict == "approve"]
+        base = dict(actor_id=caller.user_id, actor=caller.username, subject=row.id, source=source, at=now)
+        if not approve:
+            _move(row, S.rejected, ended_at=now, end_reason="rejected", ended_by=caller.username, expires_at=None)
+            events.record(s, category="session", type="session.reject", result="success", reason="rejected", **base,
+                          approver_reason=reason, state=row.state, **_context(row), **_stored_decision(row))
+            return
+        done = len(approvals) >= row.approvals_required
+        if done:
+            _move(row, S.approved, approved_at=now, expires_at=now + timedelta(seconds=self.settings.approval_ttl_s))
+        events.record(s, category="session", type="session.approve", result="success", **base, approver_reason=reason,
+                      approvals=len(approvals), approvals_required=row.approvals_required, state=row.state,
+                      **_context(row), **_stored_decision(row))
+
+    def _answer_extension(self, s, caller, row: AccessSession, kind: str, approve: bool, reason, source, now) -> str | None:
+        ext = row.extension_request
+        base = dict(actor_id=caller.user_id, actor=caller.username, subject=row.id, source=source, at=now)
+        if not approve:
+            row.extension_request = None
+            events.record(s, category="session", type="session.extension_reject", result="success", reason="rejected", **base,
+                          approver_reason=reason, extension_reason=ext["reason_code"], **_context(row), **_stored_decision(row))
+            return None
+        approvals = [a for a in row.approvals if a.kind == kind and a.verdict == "approve"]
+        needed = max(1, row.approvals_required)
+        if len(approvals) < needed:
+            events.record(s, category="session", type="session.extension_approve", result="success", **base,
+                          approvals=len(approvals), approvals_required=needed, approver_reason=reason, **_context(row))
+            return None
+        decision = self._recheck_extension(row, timedelta(seconds=ext["by_s"]), now)
+        self._apply_extension(s, row, ext, caller.username, now, decision, approved_by=[a.approver for a in approvals])
+        events.record(s, category="session", type="session.extend", result="success", **base, extension_reason=ext["reason_code"],
+                      by=format_duration(timedelta(seconds=ext["by_s"])), approved_by=[a.approver for a in approvals],
+                      end_at=_iso(row.end_at), **_context(row), **_decision_body(decision))
+        return row.node
+
+    # ---- activation and config ----
+
+    def activate(self, caller: Principal, sid: str, public_key: str | None, source: str | None) -> AccessSession:
+        return self._activate(caller, sid, public_key, source, approved_by_policy=False)
+
+    def _activate(self, caller: Principal, sid: str, public_key: str | None, source: str | None, *,
+                  approved_by_policy: bool) -> AccessSession:
+        now = self.auth.now()
+        with transaction(self.factory) as s:
+            row = self._lock(s, caller, sid)
+            self._own(caller, row, "activate")
+            if row.state != S.approved.value:
+                raise Conflict(f"session {sid} is {row.state}: only an approved session can be activated")
+            if row.expires_at and row.expires_at <= now:
+                raise Conflict(f"session {sid}'s approval lapsed at {_iso(row.expires_at)}; request again")
+            key = public_key or row.engineer_public_key
+            decision = self._decide_again(row, timedelta(seconds=row.duration_s), now)
+            if decision.outcome == DENY:
+                self._refuse(caller, row, "session.activate", _code(decision.failed[0]), source, now, **_decision_body(decision))
+                raise _Denied(decision, sid)
+            site = s.scalar(select(Site).where(Site.name == row.site))
+            node = session_lanes.node_for(s, site)
+            address, port = session_lanes.lease(s, sid, site)
+            private = None
+            if key is None:
+                private, key = session_lanes.mint_keypair()
+            access = decision.access
+            row.node, row.tunnel_address, row.listen_port = node, address, port
+            row.device_address = access[0].address
+            row.flows = _flows(access)
+            row.key_mode = "byok" if private is None else "minted"
+            row.engineer_public_key = key
+            row.sealed_private_key = self.auth.keys.seal(private, f"wg:{sid}") if private else None
+            row.lane_revision += 1
+            row.checked_policy = decision.policy_version
+            _move(row, S.active, activated_at=now, end_at=now + decision.duration, expires_at=None, warned_at=None)
+            session_lanes.bump(s, node)
+            events.record(s, at=now, category="session", type="session.activate", result="success", actor_id=caller.user_id,
+                          actor=caller.username, subject=sid, source=source, state=row.state, node=node,
+                          tunnel_address=address, listen_port=port, key_mode=row.key_mode, end_at=_iso(row.end_at),
+                          approval="policy" if approved_by_policy else "approvers", **_context(row), **_decision_body(decision))
+        try:
+            self.pusher.push(node)
+            lane = next((x for x in self.pusher.link.status(node).lanes if x.session_id == sid), None)
+            if lane is None or not lane.node_public_key:
+                raise LinkError(f"node {node} did not open the lane (it is not among the lanes it reports)")
+        except LinkError as exc:
+            self._undo_activation(caller, sid, node, str(exc), source)
+            raise NodeUnavailable(f"the site's agent could not open the lane: {exc}. The approval still holds until it lapses; "
+                                  "try again, or ask the site admin to check the agent") from None
+        with transaction(self.factory) as s:
+            s.execute(update(AccessSession).where(AccessSession.id == sid).values(node_public_key=lane.node_public_key))
+        return self._get(sid)
+
+    def _undo_activation(self, caller, sid: str, node: str, error: str, source) -> None:
+        """The node could not open the lane: back to approved, the approval unspent, nothing leased."""
+        now = self.auth.now()
+        with transaction(self.factory) as s:
+            row = s.get(AccessSession, sid, populate_existing=True)
+            if row.state == S.active.value:
+                session_lanes.release(s, sid)
+                _move(row, S.approved, activated_at=None, end_at=None, sealed_private_key=None, tunnel_address=None,
+                      listen_port=None, expires_at=max(now + timedelta(minutes=5), row.requested_at + timedelta(seconds=self.settings.approval_ttl_s)))
+                if row.key_mode == "minted":
+                    row.engineer_public_key, row.key_mode = None, None
+                session_lanes.bump(s, node)
+            events.record(s, at=now, category="session", type="session.activate", result="failure", actor_id=caller.user_id,
+                          actor=caller.username, subject=sid, source=source, reason="lane_failed", error=error[:300],
+                          state=row.state, node=node, **_context(row))
+        self.pusher.push_quietly([node])
+
+    def config(self, caller: Principal, sid: str, source: str | None) -> tuple[str, AccessSession]:
+        """The engineer's wg-quick config, once. The minted private key leaves the database with it."""
+        now = self.auth.now()
+        with transaction(self.factory) as s:
+            row = self._lock(s, caller, sid)
+            self._own(caller, row, "download the config of")
+            if row.config_downloaded_at is not None:
+                gone = True
+            else:
+                gone = False
+                if row.state != S.active.value or (row.end_at and row.end_at <= now):
+                    raise Conflict(f"session {sid} is {row.state}: a config exists only while the session is active")
+                if not row.node_public_key:
+                    raise Conflict(f"session {sid}'s lane is not open on the node yet")
+                private = self.auth.keys.open(row.sealed_private_key, f"wg:{sid}") if row.sealed_private_key else None
+                site = s.scalar(select(Site).where(Site.name == row.site))
+                text = render(EngineerConfig(session_id=sid, device_id=row.asset_id, private_key=private,
+                                             address=row.tunnel_address, peer_public_key=row.node_public_key,
+                                             endpoint_host=site.public_endpoint, endpoint_port=row.listen_port,
+                                             device_address=row.device_address, keepalive=self.settings.keepalive_s,
+                                             ends_at=row.end_at))
+                row.config_downloaded_at, row.sealed_private_key = now, None
+                events.record(s, at=now, category="session", type="session.config", result="success", actor_id=caller.user_id,
+                              actor=caller.username, subject=sid, source=source, key_mode=row.key_mode, **_context(row))
+        if gone:
+            with transaction(self.factory) as s:
+                events.record(s, at=now, category="session", type="session.config", result="failure", actor_id=caller.user_id,
+                              actor=caller.username, subject=sid, source=source, reason="already_downloaded", **_context(row))
+            raise Gone(f"the config of session {sid} was downloaded at {_iso(row.config_downloaded_at)} and is not kept; "
+                       "close the session and request a new one if it was lost")
+        return text, row
+
+    # ---- extension ----
+
+    def extend(self, caller: Principal, sid: str, *, by: timedelta, reason_code: str, note: str, source: str | None) -> AccessSession:
+        now = self.auth.now()
+        policy = self.policies.require_active()
+        with transaction(self.factory) as s:
+            row = self._lock(s, caller, sid)
+            self._own(caller, row, "extend")
+            if row.state != S.active.value or row.end_at <= now:
+                raise Conflict(f"session {sid} is {row.state}: only an active session can be extended")
+            if row.break_glass:
+                raise Conflict("a break-glass session cannot be extended: open a new one if the emergency goes on")
+            if row.extension_request:
+                raise Conflict("an extension of this session is already waiting for approval")
+            task = policy.document.tasks.get(row.task)
+            rules = task.extensions if task else None
+            if rules is None or rules.max_count == 0:
+                raise Forbidden(f"task {row.task!r} allows no extensions")
+            if reason_code not in rules.reason_codes:
+                raise Invalid(f"reason code {reason_code!r} is not one of task {row.task!r}'s: {', '.join(rules.reason_codes)}")
+            used = sum(e["by_s"] for e in row.extensions)
+            if len(row.extensions) >= rules.max_count:
+                raise Forbidden(f"task {row.task!r} allows {rules.max_count} extension(s); this session has had {len(row.extensions)}")
+            room = rules.max_total - timedelta(seconds=used)
+            if by > room:
+                raise Forbidden(f"task {row.task!r} allows {format_duration(rules.max_total)} of extensions in all; "
+                                f"{format_duration(room) if room.total_seconds() > 0 else 'nothing'} is left")
+            ext = {"by_s": int(by.total_seconds()), "reason_code": reason_code, "note": note, "at": _iso(now), "by_user": caller.username}
+            decision = self._recheck_extension(row, by, now)
+            if rules.reapproval:
+                row.extension_request = ext
+                events.record(s, at=now, category="session", type="session.extension_request", result="success",
+                              actor_id=caller.user_id, actor=caller.username, subject=sid, source=source, extension_reason=reason_code,
+                              by=format_duration(by), note=note, **_context(row), **_decision_body(decision))
+                node = None
+            else:
+                self._apply_extension(s, row, ext, caller.username, now, decision, approved_by=[])
+                events.record(s, at=now, category="session", type="session.extend", result="success", actor_id=caller.user_id,
+                              actor=caller.username, subject=sid, source=source, extension_reason=reason_code, by=format_duration(by),
+                              note=note, end_at=_iso(row.end_at), **_context(row), **_decision_body(decision))
+                node = row.node
+        if node:
+            self.pusher.push_quietly([node])
+        return self._get(sid)
+
+    def _recheck_extension(self, row: AccessSession, by: timedelta, now: datetime) -> Decision:
+        decision = self._decide_again(row, row.end_at + by - now, now)
+        failed = [c for c in decision.checks if c.result == "fail" and c.name not in RECHECK_IGNORES]
+        if failed:
+            raise Forbidden(f"the policy does not allow this extension: {failed[0].reason}")
+        return decision
+
+    def _apply_extension(self, s, row: AccessSession, ext: dict, actor: str, now, decision: Decision, approved_by: list[str]) -> None:
+        row.extensions = [*row.extensions, {**ext, "granted_at": _iso(now), "approved_by": approved_by}]
+        row.extension_request = None
+        row.end_at = row.end_at + timedelta(seconds=ext["by_s"])
+        row.lane_revision += 1
+        row.warned_at = None
+        row.checked_policy = decision.policy_version
+        session_lanes.bump(s, row.node)
+
+    # ---- ending ----
+
+    def close(self, caller: Principal, sid: str, reason: str | None, source: str | None) -> AccessSession:
+        """The requester ends their own session (or withdraws a request) early."""
+        with transaction(self.factory) as s:
+            row = self._lock(s, caller, sid)
+            self._own(caller, row, "close")
+            if row.state not in OPEN:
+                raise Conflict(f"session {sid} has already ended ({row.state})")
+            node = self._end(s, row, S.closed, "closed_by_engineer", caller, source, note=reason)
+        self.pusher.push_quietly([node])
+        return self._get(sid)
+
+    def revoke(self, caller: Principal, sid: str, reason: str, source: str | None) -> AccessSession:
+        with transaction(self.factory) as s:
+            row = self._lock(s, caller, sid)
+            if not caller.can(row.site, *REVOKERS):
+                raise Forbidden(f"revoking needs the approver, soc or admin role at site {row.site}")
+            if row.state not in OPEN:
+                raise Conflict(f"session {sid} has already ended ({row.state})")
+            node = self._end(s, row, S.revoked, "revoked", caller, source, note=reason)
+        self.pusher.push_quietly([node])
+        return self._get(sid)
+
+    def _end(self, s: Session, row: AccessSession, to: SessionState, reason: str, caller: Principal | None, source,
+             note: str | None = None, **extra) -> str | None:
+        """End an open session in the caller's transaction; the node to push, if it held a lane."""
+        now = self.auth.now()
+        was = row.state
+        node = row.node if was == S.active.value else None
+        ended_at = min(now, row.end_at) if to == S.expired and row.end_at and was == S.active.value else now
+        _move(row, to, ended_at=ended_at, end_reason=reason, ended_by=caller.username if caller else "system",
+              sealed_private_key=None, expires_at=None, extension_request=None)
+        if node:
+            session_lanes.release(s, row.id)
+            session_lanes.bump(s, node)
+        events.record(s, at=now, category="session", type=f"session.{_verb(to)}", result="success",
+                      actor_id=caller.user_id if caller else None, actor=caller.username if caller else "system",
+                      subject=row.id, source=source, reason=reason, previous_state=was, state=row.state, note=note,
+                      had_lane=node is not None, **_context(row), **_stored_decision(row), **extra)
+        return node
+
+    # ---- break-glass review ----
+
+    def review(self, caller: Principal, sid: str, note: str, source: str | None) -> AccessSession:
+        now = self.auth.now()
+        with transaction(self.factory) as s:
+            row = self._lock(s, caller, sid)
+            if not row.break_glass:
+                raise Conflict(f"session {sid} is not a break-glass session: there is no review to give")
+            if not caller.can(row.site, *REVIEWERS):
+                raise Forbidden(f"reviewing break-glass needs the approver, soc or admin role at site {row.site}")
+            if row.user_id == caller.user_id:
+                self._refuse(caller, row, "break_glass.review", "self_review", source, now)
+                raise Forbidden("a break-glass session is reviewed by a second person, never by whoever opened it")
+            if row.reviewed_at is not None:
+                raise Conflict(f"session {sid} was already reviewed by {row.reviewed_by} at {_iso(row.reviewed_at)}")
+            if row.state == S.denied.value:
+                raise Conflict(f"session {sid} was denied: nothing was opened to review")
+            row.reviewed_at, row.reviewed_by, row.review_note = now, caller.username, note
+            events.record(s, at=now, category="session", type="break_glass.review", result="success", actor_id=caller.user_id,
+                          actor=caller.username, subject=sid, source=source, review_note=note, incident=row.incident,
+                          state=row.state, **_context(row))
+        return self._get(sid)
+
+    # ---- reads the API needs before a step-up ----
+
+    def guard(self, caller: Principal, sid: str) -> None:
+        """404 for a session the caller may not see, before any TOTP code is spent on it."""
+        with self.factory() as s:
+            row = s.get(AccessSession, sid)
+        if row is None or not may_see(caller, row):
+            raise NotFound(f"no session {sid}")
+
+    def desired_for(self, caller: Principal, node: str):
+        with self.factory() as s:
+            site = s.scalar(select(Site.name).join(NodeAgent, NodeAgent.site_id == Site.id).where(NodeAgent.name == node))
+            if site is None or not caller.can(site, "site_admin", "admin"):
+                raise NotFound(f"no node {node}")
+            return session_lanes.desired_state(s, node, self.auth.now())
+
+    # ---- helpers ----
+
+    def _decide_again(self, row: AccessSession, duration: timedelta, now: datetime) -> Decision:
+        return self.decisions.decide(user_id=row.user_id, asset_id=row.asset_id, task=row.task, duration=duration,
+                                     source=row.source, at=now, break_glass=row.break_glass)
+
+    def _visible_site(self, caller: Principal, asset_id: str) -> str:
+        with self.factory() as s:
+            site = s.scalar(select(Site.name).join(Device, Device.site_id == Site.id).where(Device.asset_id == asset_id))
+        if site is None or not caller.can(site, *_ANY_ROLE):
+            raise NotFound(f"no device {asset_id}")
+        return site
+
+    def _lock(self, s: Session, caller: Principal, sid: str) -> AccessSession:
+        """Lock the session's row for this transaction, then read it fresh. 404 unless the caller may see it."""
+        row = self._lock_any(s, sid)
+        if row is None or not may_see(caller, row):
+            raise NotFound(f"no session {sid}")
+        return row
+
+    @staticmethod
+    def _lock_any(s: Session, sid: str) -> AccessSession | None:
+        # A no-op UPDATE takes the row lock on PostgreSQL and the write lock on SQLite, before the read.
+        s.execute(update(AccessSession).where(AccessSession.id == sid).values(state=AccessSession.state)
+                  .execution_options(synchronize_session=False))
+        return s.get(AccessSession, sid, populate_existing=True)
+
+    @staticmethod
+    def _own(caller: Principal, row: AccessSession, verb: str) -> None:
+        if row.user_id != caller.user_id:
+            raise Forbidden(f"only {row.username}, who requested it, can {verb} session {row.id}")
+
+    def _refuse(self, caller, row, type_: str, reason: str, source, now, **body) -> None:
+        """Record a refused action in its own transaction: the caller's one is about to roll back."""
+        with transaction(self.factory) as s:
+            events.record(s, at=now, category="session", type=type_, result="failure", actor_id=caller.user_id,
+                          actor=caller.username, subject=row.id, source=source, reason=reason, **_context(row), **body)
+
+    def _get(self, sid: str) -> AccessSession:
+        with self.factory() as s:
+            return s.get(AccessSession, sid)
+
+
+class _Denied(Forbidden):
+    """A request or activation the policy denies: the body carries the decision and its trace."""
+
+    def __init__(self, decision: Decision, sid: str):
+        super().__init__(f"denied: {decision.reason}")
+        self.decision, self.sid = decision, sid
+
+    def extra(self) -> dict:
+        return {"session_id": self.sid, "failed_checks": list(self.decision.failed), "decision": self.decision.as_dict()}
+
+
+_ANY_ROLE = ("engineer", "contractor", "approver", "site_admin", "soc", "admin", "break_glass")
+
+
+def active_count(factory, user_id: int) -> int:
+    """The user's active sessions, for the policy's concurrency limit."""
+    from sqlalchemy import func
+
+    with factory() as s:
+        return s.scalar(select(func.count()).select_from(AccessSession).where(
+            AccessSession.user_id == user_id, AccessSession.state == S.active.value)) or 0
+
+
+def may_see(caller: Principal, row: AccessSession) -> bool:
+    return row.user_id == caller.user_id or caller.can(row.site, *READERS)
+
+
+def new_id() -> str:
+    """"s-" and 12 base32 characters: unguessable (60 bits), short enough to read out on the phone."""
+    alphabet = "abcdefghijkmnpqrstuvwxyz23456789"
+    return "s-" + "".join(secrets.choice(alphabet) for _ in range(12))
+
+
+def _move(row: AccessSession, to: SessionState, **values) -> None:
+    row.state = to.value
+    for k, v in values.items():
+        setattr(row, k, v)
+
+
+def _flows(access) -> list[dict]:
+    seen, out = set(), []
+    for a in access:
+        if (a.transport, a.port) not in seen:
+            seen.add((a.transport, a.port))
+            out.append({"protocol": a.protocol, "transport": a.transport, "port": a.port})
+    return out
+
+
+def _verb(state: SessionState) -> str:
+    return {S.closed: "close", S.expired: "expire", S.revoked: "revoke"}[state]
+
+
+def _code(check: str) -> str:
+    return f"policy_{check}"[:64]
+
+
+def _context(row: AccessSession) -> dict:
+    return {"session_id": row.id, "user": row.username, "device": row.asset_id, "site": row.site, "task": row.task,
+            "break_glass": row.break_glass}
+
+
+def _decision_body(decision: Decision) -> dict:
+    return {"policy_version": decision.policy_version, "decision": decision.as_dict()}
+
+
+def _stored_decision(row: AccessSession) -> dict:
+    return {"policy_version": row.policy_version, "decision": row.decision}
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat().replace("+00:00", "Z") if value else None
