@@ -29,10 +29,21 @@ def make_engine(url: str) -> Engine:
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA busy_timeout=30000")
             cur.execute("PRAGMA synchronous=FULL")
+            # Erased secrets (a session's sealed key after its download) are zeroed in the file, not left in free pages.
+            cur.execute("PRAGMA secure_delete=ON")
             cur.close()
 
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+def scrub(engine: Engine) -> None:
+    """After erasing a secret: on SQLite, fold the write-ahead log into the database and truncate it, so
+    the log's older copies of the page go too. PostgreSQL keeps dead row versions until VACUUM reuses
+    their space; what they hold was sealed with the controller's key, which lives outside the database."""
+    if engine.dialect.name == "sqlite":
+        with engine.connect() as conn:
+            conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import or_, select
 
 from . import events
-from .db import transaction
+from .db import scrub, transaction
 from .models import AccessSession, Device, SessionState, User
 from .policy import DENY
 from .sessions import RECHECK_IGNORES, Sessions
@@ -67,6 +67,8 @@ class SessionClock:
             if moved is not False:
                 report.revoked.append(sid)
                 nodes.add(moved or "")
+        if report.expired or report.lapsed or report.revoked:
+            scrub(self.factory.kw["bind"])
         report.warned = self._warn(now)
         report.reminded = self._remind(now)
         nodes |= set(self.sessions.pusher.behind())

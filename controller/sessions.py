@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from . import events, session_lanes
 from .auth import Auth, Principal
-from .db import transaction
+from .db import scrub, transaction
 from .decisions import Decisions
 from .errors import Conflict, Forbidden, Gone, Invalid, NodeUnavailable, NotFound
 from .models import AccessSession, Device, NodeAgent, SessionApproval, SessionState, Site
@@ -290,6 +290,7 @@ class Sessions:
                               actor=caller.username, subject=sid, source=source, reason="already_downloaded", **_context(row))
             raise Gone(f"the config of session {sid} was downloaded at {_iso(row.config_downloaded_at)} and is not kept; "
                        "close the session and request a new one if it was lost")
+        scrub(self.factory.kw["bind"])
         return text, row
 
     # ---- extension ----
@@ -363,6 +364,7 @@ class Sessions:
             if row.state not in OPEN:
                 raise Conflict(f"session {sid} has already ended ({row.state})")
             node = self._end(s, row, S.closed, "closed_by_engineer", caller, source, note=reason)
+        scrub(self.factory.kw["bind"])
         self.pusher.push_quietly([node])
         return self._get(sid)
 
@@ -374,6 +376,7 @@ class Sessions:
             if row.state not in OPEN:
                 raise Conflict(f"session {sid} has already ended ({row.state})")
             node = self._end(s, row, S.revoked, "revoked", caller, source, note=reason)
+        scrub(self.factory.kw["bind"])
         self.pusher.push_quietly([node])
         return self._get(sid)
 
