@@ -66,7 +66,7 @@ class LoginOut(BaseModel):
 
 
 class RoleGrantIO(_In):
-    role: Literal["engineer", "contractor", "approver", "site_admin", "soc", "admin"]
+    role: Literal["engineer", "contractor", "approver", "site_admin", "soc", "admin", "break_glass"]
     site: str | None = Field(default=None, max_length=64, description="None: every site")
 
 

@@ -13,7 +13,7 @@ Case files, key by key:
   policy        optional: {files: {NAME: TEXT, …}, only: false}. Without it the example policy in
                 docs/policy-example/ is used; `files` are added to it (a name it already has is replaced);
                 `only: true` uses just these files.
-  at, task, duration, source, user, site, device
+  at, task, duration, source, break_glass, user, site, device
                 facts, merged over base.facts.yaml (mappings merge key by key; lists and scalars replace).
   Times are ISO 8601 with a zone, or relative to `at`: "25h ago", "in 20m". Durations as in policy
   files ("45m"), or an integer number of seconds. Roles are "role@site", or "role@*" for every site.
@@ -91,7 +91,7 @@ def test_every_case_has_its_pair_and_says_what_it_is_for() -> None:
     for name in case_names():
         case = yaml.safe_load((CASES / f"{name}.yaml").read_text())
         assert str(case.get("description", "")).strip(), f"{name}.yaml needs a description"
-        unknown = set(case) - {"description", "policy", "at", "task", "duration", "source", "user", "site", "device"}
+        unknown = set(case) - {"description", "policy", "at", "task", "duration", "source", "break_glass", "user", "site", "device"}
         assert not unknown, f"{name}.yaml: unknown keys {sorted(unknown)}"
 
 
@@ -155,7 +155,7 @@ def request(facts: dict) -> AccessRequest:
                          addresses=tuple(d["addresses"]), lifecycle=d["lifecycle"],
                          last_seen=_time(d["last_seen"], at), ports=tuple(sorted((d["ports"] or {}).items())))
     return AccessRequest(user=user, device=device, site=site, task=facts["task"], duration=_duration(facts["duration"]),
-                         at=at, source=facts["source"])
+                         at=at, source=facts["source"], break_glass=facts["break_glass"])
 
 
 def _merge(base: dict, over: dict) -> dict:

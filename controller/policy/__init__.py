@@ -11,6 +11,7 @@ from .engine import (
     DeviceFacts,
     SiteFacts,
     UserFacts,
+    break_glass_tasks,
     evaluate,
 )
 from .loader import Policy, canonical, load_files
@@ -18,5 +19,5 @@ from .source import PolicyError
 
 __all__ = [
     "ALLOW", "ALLOW_WITH_APPROVAL", "CHECKS", "DENY", "AccessRequest", "Check", "Decision", "DeviceFacts",
-    "Policy", "PolicyError", "SiteFacts", "UserFacts", "canonical", "evaluate", "load_files",
+    "Policy", "PolicyError", "SiteFacts", "UserFacts", "break_glass_tasks", "canonical", "evaluate", "load_files",
 ]

@@ -8,6 +8,11 @@ so a denial lists everything that is wrong, not only the first thing. Any failed
 deny); the decision's `reason` is the first failure, in words an engineer understands. Nothing here
 reads a clock, a database or the network: the caller passes the facts, and the same facts and policy
 always give the same decision.
+
+A break-glass request (`AccessRequest(…, break_glass=True)`) runs the same checks, with three changes:
+`task_role` wants the break_glass grant at the site and a task marked `break_glass`, change windows do not
+apply, and the duration is capped by `limits.break_glass_max_duration`. It never needs approval and is
+always recorded with payload.
 """
 
 from __future__ import annotations
@@ -77,6 +82,7 @@ class AccessRequest:
     duration: timedelta | None  # None: the task's default
     at: datetime
     source: str | None = None  # where the request came from
+    break_glass: bool = False
 
 
 # ---- decision out ----
@@ -116,13 +122,14 @@ class Decision:
     ends_at: datetime | None = None
     access: tuple[Access, ...] = ()
     recording: str | None = None
+    break_glass: bool = False
 
     @property
     def failed(self) -> tuple[str, ...]:
         return tuple(c.name for c in self.checks if c.result == FAIL)
 
     def as_dict(self) -> dict:
-        return {
+        out = {
             "outcome": self.outcome,
             "reason": self.reason,
             "failed_checks": list(self.failed),
@@ -136,6 +143,9 @@ class Decision:
             "recording": self.recording,
             "trace": [c.as_dict() for c in self.checks],
         }
+        if self.break_glass:  # only then, so that ordinary decisions keep their shape
+            out["break_glass"] = True
+        return out
 
 
 # ---- evaluation ----
@@ -147,16 +157,28 @@ def evaluate(policy, request: AccessRequest) -> Decision:
     ctx = _Context(compiled, request)
     checks = tuple(fn(ctx) for fn in _CHECKS)
     failed = [c for c in checks if c.result == FAIL]
-    task = ctx.task
+    task, bg = ctx.task, request.break_glass
+    recording = None if task is None else "payload" if bg else task.recording
     if failed:
         return Decision(DENY, failed[0].reason, policy.version, request.at, checks,
-                        duration=ctx.duration, recording=task.recording if task else None)
+                        duration=ctx.duration, recording=recording, break_glass=bg)
+    if bg:
+        review = format_duration(ctx.doc.limits.break_glass_review_within)
+        return Decision(ALLOW, f"allowed under break-glass: no approval; the session's traffic is recorded and a second "
+                        f"person must review it within {review}", policy.version, request.at, checks,
+                        duration=ctx.duration, ends_at=request.at + ctx.duration, access=ctx.access, recording=recording,
+                        break_glass=True)
     approval = _approval(ctx)
     outcome = ALLOW_WITH_APPROVAL if approval else ALLOW
     reason = "allowed" if not approval else f"allowed once approved by {task.approval.approvers} approver(s): " + "; ".join(approval)
     return Decision(outcome, reason, policy.version, request.at, checks,
                     approvals_required=task.approval.approvers if approval else 0, approval_reasons=tuple(approval),
-                    duration=ctx.duration, ends_at=request.at + ctx.duration, access=ctx.access, recording=task.recording)
+                    duration=ctx.duration, ends_at=request.at + ctx.duration, access=ctx.access, recording=recording)
+
+
+def break_glass_tasks(policy, device_type: str) -> list[str]:
+    """Names of the tasks that may be opened under break-glass on a device of this type, sorted."""
+    return sorted(name for name, task in policy.document.tasks.items() if task.break_glass and device_type in task.device_types)
 
 
 @dataclass(frozen=True)
@@ -182,8 +204,14 @@ class _Context:
         self.task: Task | None = self.doc.tasks.get(request.task)
         self.device_type = self.doc.device_types.get(request.device.device_type)
         self.roles_here = request.user.roles_at(request.device.site)
-        self.duration: timedelta | None = (request.duration if request.duration is not None
-                                           else self.task.duration.default if self.task else None)
+        self.max_duration: timedelta | None = None
+        self.duration: timedelta | None = request.duration
+        if self.task is not None:
+            self.max_duration = self.task.duration.max
+            if request.break_glass:
+                self.max_duration = min(self.max_duration, self.doc.limits.break_glass_max_duration)
+            if self.duration is None:
+                self.duration = min(self.task.duration.default, self.max_duration)
         self.access: tuple[Access, ...] = ()
 
 
@@ -222,6 +250,8 @@ def _check_task(ctx: _Context) -> Check:
 def _check_task_role(ctx: _Context) -> Check:
     if ctx.task is None:
         return _unknown_task("task_role")
+    if ctx.r.break_glass:
+        return _check_break_glass_role(ctx)
     allowed = sorted(set(ctx.task.roles) & set(ctx.roles_here))
     inputs = {"task_roles": sorted(ctx.task.roles), "roles_at_site": list(ctx.roles_here)}
     if not allowed:
@@ -229,6 +259,22 @@ def _check_task_role(ctx: _Context) -> Check:
         return Check("task_role", FAIL, f"task {ctx.r.task!r} may be requested by {', '.join(sorted(ctx.task.roles))}; "
                      f"your roles at {ctx.r.device.site} are: {mine}", inputs)
     return Check("task_role", PASS, f"requested as {', '.join(allowed)}", inputs)
+
+
+def _check_break_glass_role(ctx: _Context) -> Check:
+    site = ctx.r.device.site
+    inputs = {"break_glass": True, "task_break_glass": ctx.task.break_glass, "roles_at_site": list(ctx.roles_here)}
+    missing = []
+    if ctx.r.user.kind == "contractor":
+        # Contractors always need a second person's approval; break-glass has none, so it is not theirs.
+        missing.append("contractor accounts cannot use break-glass")
+    if "break_glass" not in ctx.roles_here:
+        missing.append(f"you hold no break-glass grant at site {site}")
+    if not ctx.task.break_glass:
+        missing.append(f"task {ctx.r.task!r} may not be used under break-glass")
+    if missing:
+        return Check("task_role", FAIL, "; ".join(missing), inputs)
+    return Check("task_role", PASS, f"requested under break-glass, granted at site {site}", inputs)
 
 
 def _check_task_device_type(ctx: _Context) -> Check:
@@ -304,6 +350,8 @@ def _check_change_window(ctx: _Context) -> Check:
         return _unknown_task("change_window")
     site = ctx.r.site
     inputs = {"required": ctx.task.change_window, "site_windows": list(site.change_windows), "timezone": site.timezone}
+    if ctx.r.break_glass:
+        return Check("change_window", NOT_APPLICABLE, "break-glass ignores change windows", inputs | {"break_glass": True})
     if not ctx.task.change_window:
         return Check("change_window", NOT_APPLICABLE, "the task does not need a change window", inputs)
     unknown = [w for w in site.change_windows if w not in ctx.doc.change_windows]
@@ -350,18 +398,29 @@ def _check_location(ctx: _Context) -> Check:
 def _check_duration(ctx: _Context) -> Check:
     if ctx.task is None:
         return _unknown_task("duration")
-    limits, asked, u = ctx.task.duration, ctx.r.duration, ctx.r.user
-    inputs = {"requested": format_duration(asked) if asked is not None else None, "default": format_duration(limits.default),
-              "max": format_duration(limits.max)}
+    asked, u, most, bg = ctx.r.duration, ctx.r.user, ctx.max_duration, ctx.r.break_glass
+    inputs = {"requested": format_duration(asked) if asked is not None else None,
+              "default": format_duration(min(ctx.task.duration.default, most)),
+              "max": format_duration(most)}
+    if bg:
+        inputs |= {"task_max": format_duration(ctx.task.duration.max),
+                   "break_glass_max": format_duration(ctx.doc.limits.break_glass_max_duration)}
     if asked is not None and asked <= timedelta(0):
         return Check("duration", FAIL, "the duration must be positive", inputs)
-    if asked is not None and asked > limits.max:
-        return Check("duration", FAIL, f"{format_duration(asked)} asked; task {ctx.r.task!r} allows at most {format_duration(limits.max)}", inputs)
+    if asked is not None and asked > most:
+        under = " under break-glass" if bg else ""
+        return Check("duration", FAIL, f"{format_duration(asked)} asked; task {ctx.r.task!r} allows at most {format_duration(most)}{under}", inputs)
     end = ctx.r.at + ctx.duration
     if u.valid_until and end > u.valid_until:
         return Check("duration", FAIL, f"the session would end at {_human(end)}, after the account's validity ends at {_human(u.valid_until)}", inputs)
-    return Check("duration", PASS, f"{format_duration(ctx.duration)}{'' if asked is not None else ' (the task default)'}, "
-                 f"within the maximum {format_duration(limits.max)}", inputs)
+    if asked is not None:
+        how = ""
+    elif ctx.duration < ctx.task.duration.default:
+        how = f" (the task default {format_duration(ctx.task.duration.default)}, cut to the break-glass maximum)"
+    else:
+        how = " (the task default)"
+    return Check("duration", PASS, f"{format_duration(ctx.duration)}{how}, within the {'break-glass ' if bg else ''}maximum "
+                 f"{format_duration(most)}", inputs)
 
 
 def _check_concurrency(ctx: _Context) -> Check:

@@ -21,6 +21,8 @@ from pydantic import (
     Field,
     PlainSerializer,
     StringConstraints,
+    ValidationInfo,
+    field_validator,
     model_validator,
 )
 
@@ -28,6 +30,7 @@ from .durations import format_duration, parse_duration
 
 FORMAT = 1
 MAX_SESSION = timedelta(hours=24)
+MAX_REVIEW_WITHIN = timedelta(days=30)
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 
 Name = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,47}$")]
@@ -35,7 +38,7 @@ ProtocolName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,
 Text = Annotated[str, StringConstraints(max_length=500, pattern=r"^[^\x00-\x08\x0b-\x1f\x7f]*$")]
 Duration = Annotated[timedelta, BeforeValidator(parse_duration), PlainSerializer(format_duration, return_type=str)]
 Port = Annotated[int, Field(ge=1, le=65535, strict=True)]
-Role = Literal["engineer", "contractor", "approver", "site_admin", "soc", "admin"]
+Role = Literal["engineer", "contractor", "approver", "site_admin", "soc", "admin", "break_glass"]
 Day = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 
 
@@ -179,6 +182,15 @@ class Task(_Entry):
     recording: Literal["metadata", "payload"] = "metadata"
     change_window: bool = Field(default=False, description="the session must lie inside one of the site's change windows")
     extensions: Extensions = Extensions()
+    break_glass: bool = Field(default=False, description="may be opened under break-glass: no approval, payload recorded")
+
+    @field_validator("roles")
+    @classmethod
+    def _no_break_glass_role(cls, roles: list[str]) -> list[str]:
+        # Listed here, the break-glass grant would also open the task the ordinary way, with approvals and windows.
+        if "break_glass" in roles:
+            raise ValueError("break_glass is not a role that requests tasks: set `break_glass: true` on the task instead")
+        return roles
 
 
 class WeeklyRule(_Entry):
@@ -248,6 +260,18 @@ class Location(_Entry):
 class Limits(_Entry):
     concurrent_sessions_per_user: int = Field(default=2, ge=1, le=100)
     max_silence: Duration | None = Field(default=timedelta(hours=24), description="a device not seen for longer is refused; null: not checked")
+    break_glass_max_duration: Duration = Field(default=timedelta(minutes=30), description="the longest break-glass session")
+    break_glass_review_within: Duration = Field(default=timedelta(hours=24), description="deadline for the second-person review")
+
+    @field_validator("break_glass_max_duration", "break_glass_review_within")
+    @classmethod
+    def _bounded(cls, value: timedelta, info: ValidationInfo) -> timedelta:
+        most = MAX_SESSION if info.field_name == "break_glass_max_duration" else MAX_REVIEW_WITHIN
+        if value <= timedelta(0):
+            raise ValueError("must be positive")
+        if value > most:
+            raise ValueError(f"{format_duration(value)} is too long; at most {format_duration(most)}")
+        return value
 
 
 class PolicyDocument(_Entry):
