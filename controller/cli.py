@@ -14,6 +14,8 @@ controller's HTTP API v1 and keeps its state in $WICKET_CONFIG_DIR (default ~/.c
   wicket tasks list|show · wicket protocols · wicket device-types
   wicket sites list|show|add|update|delete|agent-add|agent-remove …
   wicket devices list|show|add|update|delete|import|export|passport …
+  wicket request|activate|config|extend|close|status [--watch]|sessions …   (sessions)
+  wicket approvals|approve|reject|revoke|review|access · wicket break-glass …
 
 The controller URL comes from --controller, else $WICKET_CONTROLLER, else config.toml. Changes
 (accounts, your password and recovery codes, policy, sites, devices) need a fresh TOTP code (step-up):
@@ -37,7 +39,7 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from . import cli_inventory, cli_policy
+from . import cli_inventory, cli_policy, cli_sessions
 from .cli_common import (
     EXIT_REFUSED,
     EXIT_USAGE,
@@ -62,7 +64,7 @@ from .cli_common import (
     when,
 )
 
-ROLES = ("engineer", "contractor", "approver", "site_admin", "soc", "admin")
+ROLES = ("engineer", "contractor", "approver", "site_admin", "soc", "admin", "break_glass")
 
 
 class _Group(TyperGroup):
@@ -329,9 +331,10 @@ def events(ctx: typer.Context,
         typer.echo(f"(more: wicket events --after {rows[-1]['seq']})", err=True)
 
 
-# policy, sites and devices: their own modules, listed after the commands above
+# policy, sites and devices, sessions: their own modules, listed after the commands above
 cli_policy.register(app)
 cli_inventory.register(app)
+cli_sessions.register(app)
 
 
 # ---- logins ----

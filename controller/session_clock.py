@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -25,6 +26,9 @@ from .sessions import RECHECK_IGNORES, Sessions
 
 log = logging.getLogger("wicket.controller.clock")
 S = SessionState
+# Every so often each active session is decided again whatever changed: a role taken away or a location
+# rule's network edited leaves no trace the cheaper triggers below would see.
+FULL_RECHECK_S = 15.0
 
 
 @dataclass
@@ -41,6 +45,7 @@ class SessionClock:
     def __init__(self, sessions: Sessions, *, warn_before_s: int):
         self.sessions, self.factory, self.auth = sessions, sessions.factory, sessions.auth
         self.warn_before = timedelta(seconds=warn_before_s)
+        self._next_full = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -91,21 +96,26 @@ class SessionClock:
         policy no longer allows the session. Only sessions where something changed are re-decided."""
         policy = self.sessions.policies.active()
         version = policy.version if policy else None
+        full = time.monotonic() >= self._next_full
+        if full:
+            self._next_full = time.monotonic() + FULL_RECHECK_S
         with self.factory() as s:
             rows = s.execute(
                 select(AccessSession.id, AccessSession.state, AccessSession.checked_policy, AccessSession.policy_version,
-                       User.disabled, User.deleted_at, Device.lifecycle)
+                       User.disabled, User.deleted_at, User.valid_until, Device.lifecycle)
                 .join(User, User.id == AccessSession.user_id)
                 .outerjoin(Device, Device.asset_id == AccessSession.asset_id)
                 .where(AccessSession.state.in_([S.active.value, S.approved.value, S.pending_approval.value]))
             ).all()
         out = []
-        for sid, state, checked, requested_under, disabled, deleted_at, lifecycle in rows:
+        for sid, state, checked, requested_under, disabled, deleted_at, valid_until, lifecycle in rows:
             if disabled or deleted_at is not None:
                 out.append((sid, "user_disabled"))
+            elif valid_until is not None and valid_until <= now:
+                out.append((sid, "account_expired"))
             elif lifecycle != "active":
                 out.append((sid, "device_not_active"))
-            elif state == S.active.value and version and (checked or requested_under) != version:
+            elif state == S.active.value and version and (full or (checked or requested_under) != version):
                 reason = self._recheck(sid, version, now)
                 if reason:
                     out.append((sid, reason))
@@ -143,7 +153,8 @@ class SessionClock:
                 row.warned_at = now
                 left = int((row.end_at - now).total_seconds())
                 events.record(s, at=now, category="session", type="session.ending_soon", result="success", actor="system",
-                              subject=sid, reason="ending_soon", seconds_left=left, end_at=row.end_at.isoformat(),
+                              subject=sid, reason="ending_soon", seconds_left=left,
+                              end_at=row.end_at.isoformat().replace("+00:00", "Z"),
                               user=row.username, device=row.asset_id, site=row.site, task=row.task)
                 warned.append(sid)
         return warned

@@ -14,7 +14,7 @@ import ipaddress
 import logging
 import random
 import threading
-from datetime import datetime
+import time
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
@@ -45,7 +45,7 @@ def node_for(s: Session, site: Site) -> str:
     name = s.scalar(select(NodeAgent.name).where(NodeAgent.site_id == site.id).order_by(NodeAgent.name).limit(1))
     if name is None:
         raise Conflict(f"site {site.name} has no node agent registered: a site admin adds one "
-                       f"(`wicket site agent-add {site.name} NAME`) before lanes can open there")
+                       f"(`wicket sites agent-add {site.name} NAME`) before lanes can open there")
     return name
 
 
@@ -91,17 +91,20 @@ def _free_port(low: int, high: int, used: set[int]) -> int:
     return next(p for p in range(low, high + 1) if p not in used)
 
 
-def desired_state(s: Session, node: str, now: datetime) -> DesiredNodeState:
-    """The node's complete desired state now: one lane per active session whose end is ahead."""
+def desired_state(s: Session, node: str) -> DesiredNodeState:
+    """The node's complete desired state: one lane per active session. A function of the database alone,
+    so the same generation always has the same content and may be handed over again (a restart, a second
+    replica). A session past its end but not yet expired by the clock stays listed: the agent has ended
+    it already and will not reopen it."""
     agent = s.scalar(select(NodeAgent).where(NodeAgent.name == node))
     if agent is None:
         raise LookupError(node)
     site = s.get(Site, agent.site_id)
-    rows = s.scalars(select(AccessSession).where(AccessSession.node == node, AccessSession.state == SessionState.active.value,
-                                                 AccessSession.end_at > now).order_by(AccessSession.id)).all()
+    rows = s.scalars(select(AccessSession).where(AccessSession.node == node, AccessSession.state == SessionState.active.value)
+                     .order_by(AccessSession.id)).all()
     lanes = [lane_spec(r) for r in rows if r.engineer_public_key and r.tunnel_address and r.listen_port]
     settings = NodeSettings(tunnel_networks=[ipaddress.ip_network(site.tunnel_pool)], endpoint_host=site.public_endpoint)
-    return DesiredNodeState(node_id=node, generation=agent.generation, issued_at=now, settings=settings, lanes=lanes)
+    return DesiredNodeState(node_id=node, generation=agent.generation, settings=settings, lanes=lanes)
 
 
 def lane_spec(r: AccessSession) -> LaneSpec:
@@ -112,20 +115,31 @@ def lane_spec(r: AccessSession) -> LaneSpec:
 
 
 class Pusher:
-    """Hands nodes their desired state and remembers the newest generation each node took."""
+    """Hands nodes their desired state and remembers the newest generation each node took. A node that
+    cannot be reached is tried again with a growing pause (1 s doubling to a minute), not every tick."""
 
     def __init__(self, factory, link: NodeLink, clock):
         self.factory, self.link, self.clock = factory, link, clock
         self.applied: dict[str, int] = {}
+        self._failures: dict[str, tuple[int, float]] = {}  # node → (failures in a row, next try, monotonic)
         self._lock = threading.Lock()  # one push per controller at a time keeps generations in order
 
-    def push(self, node: str) -> ReconcileReport:
-        """Raises LinkError when the node cannot be reached or refuses."""
+    def push(self, node: str) -> ReconcileReport | None:
+        """Hand over the node's newest generation (None: it already has it). Raises LinkError when the node
+        cannot be reached or refuses."""
         with self._lock:
             with self.factory() as s:
-                desired = desired_state(s, node, self.clock())
-            report = self.link.push(desired)
-            self.applied[node] = max(self.applied.get(node, -1), desired.generation)
+                desired = desired_state(s, node)
+            if desired.generation <= self.applied.get(node, -1):
+                return None
+            try:
+                report = self.link.push(desired)
+            except LinkError:
+                count = self._failures.get(node, (0, 0.0))[0] + 1
+                self._failures[node] = (count, time.monotonic() + min(60.0, 2.0 ** (count - 1)))
+                raise
+            self._failures.pop(node, None)
+            self.applied[node] = desired.generation
             if report.errors:
                 log.warning("node %s applied generation %s with errors: %s", node, desired.generation, "; ".join(report.errors))
             return report
@@ -142,7 +156,22 @@ class Pusher:
         return failed
 
     def behind(self) -> list[str]:
-        """Nodes whose newest generation has not been handed over by this controller."""
+        """Nodes that may lack their newest generation and are due for a try. A node this controller has
+        not pushed to since it started is asked what it applied first."""
         with self.factory() as s:
             rows = s.execute(select(NodeAgent.name, NodeAgent.generation)).all()
-        return [name for name, gen in rows if gen > self.applied.get(name, 0)]
+        now = time.monotonic()
+        out = []
+        for name, gen in rows:
+            if gen <= self.applied.get(name, 0) or self._failures.get(name, (0, 0.0))[1] > now:
+                continue
+            if name not in self.applied:
+                try:
+                    applied = self.link.status(name).applied_generation
+                except LinkError:
+                    applied = None
+                if applied is not None and applied >= gen:
+                    self.applied[name] = applied
+                    continue
+            out.append(name)
+        return out

@@ -66,7 +66,7 @@ class SessionQueries:
                 if r.state == S.active.value and not r.extension_request:
                     continue  # JSON null and SQL NULL differ between databases: the row decides
                 kind = "request" if r.state == S.pending_approval.value else "extension"
-                tag = "request" if kind == "request" else f"extension:{len(r.extensions) + 1}"
+                tag = "request" if kind == "request" else r.extension_request["key"]
                 so_far = sum(1 for a in r.approvals if a.kind == tag and a.verdict == "approve")
                 if any(a.kind == tag and a.approver_id == caller.user_id for a in r.approvals):
                     continue  # already answered by this approver

@@ -125,7 +125,7 @@ class SessionOut(BaseModel):
             break_glass=r.break_glass, incident=r.incident, requested_at=r.requested_at,
             duration=format_duration(timedelta(seconds=r.duration_s)), approvals_required=r.approvals_required,
             approvals=[ApprovalOut(kind=a.kind, approver=a.approver, verdict=a.verdict, reason=a.reason, at=a.at) for a in r.approvals],
-            expires_at=r.expires_at, activated_at=r.activated_at, end_at=r.end_at,
+            expires_at=r.expires_at if r.state in ("pending_approval", "approved") else None, activated_at=r.activated_at, end_at=r.end_at,
             seconds_left=max(0, int((r.end_at - now).total_seconds())) if live else None,
             ended_at=r.ended_at, end_reason=r.end_reason, ended_by=r.ended_by, recording=r.recording,
             policy_version=r.policy_version, decision=r.decision, node=r.node, tunnel_address=r.tunnel_address,

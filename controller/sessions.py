@@ -25,7 +25,7 @@ from .auth import Auth, Principal
 from .db import scrub, transaction
 from .decisions import Decisions
 from .errors import Conflict, Forbidden, Gone, Invalid, NodeUnavailable, NotFound
-from .models import AccessSession, Device, NodeAgent, SessionApproval, SessionState, Site
+from .models import AccessSession, Device, NodeAgent, SessionApproval, SessionState, Site, User
 from .nodelink import LinkError
 from .policy import DENY, Decision
 from .policy.durations import format_duration
@@ -134,7 +134,7 @@ class Sessions:
             if row.state == S.pending_approval.value:
                 kind = "request"
             elif row.state == S.active.value and row.extension_request:
-                kind = f"extension:{len(row.extensions) + 1}"
+                kind = row.extension_request["key"]
             else:
                 raise Conflict(f"session {sid} is {row.state}: there is nothing to approve")
             try:
@@ -224,7 +224,8 @@ class Sessions:
             row.sealed_private_key = self.auth.keys.seal(private, f"wg:{sid}") if private else None
             row.lane_revision += 1
             row.checked_policy = decision.policy_version
-            _move(row, S.active, activated_at=now, end_at=now + decision.duration, expires_at=None, warned_at=None)
+            # expires_at stays: should the node fail to open the lane, the approval is unspent until then
+            _move(row, S.active, activated_at=now, end_at=now + decision.duration, warned_at=None)
             session_lanes.bump(s, node)
             events.record(s, at=now, category="session", type="session.activate", result="success", actor_id=caller.user_id,
                           actor=caller.username, subject=sid, source=source, state=row.state, node=node,
@@ -251,13 +252,14 @@ class Sessions:
             if row.state == S.active.value:
                 session_lanes.release(s, sid)
                 _move(row, S.approved, activated_at=None, end_at=None, sealed_private_key=None, tunnel_address=None,
-                      listen_port=None, expires_at=max(now + timedelta(minutes=5), row.requested_at + timedelta(seconds=self.settings.approval_ttl_s)))
+                      listen_port=None, expires_at=max(now + timedelta(minutes=5), row.expires_at or now))
                 if row.key_mode == "minted":
                     row.engineer_public_key, row.key_mode = None, None
                 session_lanes.bump(s, node)
             events.record(s, at=now, category="session", type="session.activate", result="failure", actor_id=caller.user_id,
                           actor=caller.username, subject=sid, source=source, reason="lane_failed", error=error[:300],
                           state=row.state, node=node, **_context(row))
+        scrub(self.factory.kw["bind"])
         self.pusher.push_quietly([node])
 
     def config(self, caller: Principal, sid: str, source: str | None) -> tuple[str, AccessSession]:
@@ -320,7 +322,9 @@ class Sessions:
             if by > room:
                 raise Forbidden(f"task {row.task!r} allows {format_duration(rules.max_total)} of extensions in all; "
                                 f"{format_duration(room) if room.total_seconds() > 0 else 'nothing'} is left")
-            ext = {"by_s": int(by.total_seconds()), "reason_code": reason_code, "note": note, "at": _iso(now), "by_user": caller.username}
+            # Each ask has its own key: approvers of an earlier, rejected ask may answer this one afresh.
+            ext = {"key": "extension:" + secrets.token_hex(6), "by_s": int(by.total_seconds()), "reason_code": reason_code,
+                   "note": note, "at": _iso(now), "by_user": caller.username}
             decision = self._recheck_extension(row, by, now)
             if rules.reapproval:
                 row.extension_request = ext
@@ -343,6 +347,10 @@ class Sessions:
         failed = [c for c in decision.checks if c.result == "fail" and c.name not in RECHECK_IGNORES]
         if failed:
             raise Forbidden(f"the policy does not allow this extension: {failed[0].reason}")
+        with self.factory() as s:
+            valid_until = s.scalar(select(User.valid_until).where(User.id == row.user_id))
+        if valid_until is not None and row.end_at + by > valid_until:
+            raise Forbidden(f"the session would then end after the account's validity ends at {_iso(valid_until)}")
         return decision
 
     def _apply_extension(self, s, row: AccessSession, ext: dict, actor: str, now, decision: Decision, approved_by: list[str]) -> None:
@@ -435,7 +443,7 @@ class Sessions:
             site = s.scalar(select(Site.name).join(NodeAgent, NodeAgent.site_id == Site.id).where(NodeAgent.name == node))
             if site is None or not caller.can(site, "site_admin", "admin"):
                 raise NotFound(f"no node {node}")
-            return session_lanes.desired_state(s, node, self.auth.now())
+            return session_lanes.desired_state(s, node)
 
     # ---- helpers ----
 
