@@ -32,7 +32,7 @@ from .models import Device, NodeAgent, RoleGrant, Site
 from .policy import Policy
 from .policy_store import PolicyStore
 
-READ_ROLES = ("engineer", "contractor", "approver", "site_admin", "soc", "admin")
+READ_ROLES = ("engineer", "contractor", "approver", "site_admin", "soc", "admin", "break_glass")
 MANAGE_ROLES = ("site_admin", "admin")
 _SKEW = timedelta(minutes=5)  # a last_seen this far ahead of the controller's clock is still believed
 DEVICE_FIELDS = ("device_type", "site", "addresses", "mac", "iccid", "eid", "imsis", "firmware", "lifecycle",

@@ -25,6 +25,7 @@ from .auth import Auth, Principal
 from .db import scrub, transaction
 from .decisions import Decisions
 from .errors import Conflict, Forbidden, Gone, Invalid, NodeUnavailable, NotFound
+from .inventory import READ_ROLES
 from .models import AccessSession, Device, NodeAgent, SessionApproval, SessionState, Site, User
 from .nodelink import LinkError
 from .policy import DENY, Decision
@@ -454,7 +455,7 @@ class Sessions:
     def _visible_site(self, caller: Principal, asset_id: str) -> str:
         with self.factory() as s:
             site = s.scalar(select(Site.name).join(Device, Device.site_id == Site.id).where(Device.asset_id == asset_id))
-        if site is None or not caller.can(site, *_ANY_ROLE):
+        if site is None or not caller.can(site, *READ_ROLES):
             raise NotFound(f"no device {asset_id}")
         return site
 
@@ -497,9 +498,6 @@ class _Denied(Forbidden):
 
     def extra(self) -> dict:
         return {"session_id": self.sid, "failed_checks": list(self.decision.failed), "decision": self.decision.as_dict()}
-
-
-_ANY_ROLE = ("engineer", "contractor", "approver", "site_admin", "soc", "admin", "break_glass")
 
 
 def active_count(factory, user_id: int) -> int:
