@@ -128,7 +128,8 @@ def config(sid: SessionId, caller: CurrentPrincipal, sessions: SessionsDep, sour
     if format == "svg":
         return Response(qr_svg(text), media_type="image/svg+xml", headers=NO_STORE)
     return Response(text, media_type="text/plain; charset=utf-8", headers={
-        **NO_STORE, "Content-Disposition": f'attachment; filename="wicket-{sid}.conf"'})
+        # the session ID (14 characters) is a valid wg-quick interface name (at most 15)
+        **NO_STORE, "Content-Disposition": f'attachment; filename="{sid}.conf"'})
 
 
 @router.post("/sessions/{sid}/extend", response_model=SessionOut, summary="Extend your active session (reason code, step-up)")
