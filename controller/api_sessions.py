@@ -57,6 +57,7 @@ def request_session(body: SessionRequestIn, caller: CurrentPrincipal, auth: Auth
                     totp_code: TotpHeader = None) -> SessionOut:
     """Decided at once. `state` says what happened: `denied` (the decision's trace says which check failed),
     `pending_approval`, `approved`, or `active` when no approval is needed and the lane opened."""
+    sessions.guard_device(caller, body.device)
     auth.step_up(caller, totp_code, "requesting access", source)
     opened = sessions.request(caller, asset_id=body.device, task=body.task, reason=body.reason, public_key=body.public_key,
                               duration=parse_duration(body.duration) if body.duration else None, source=source,
@@ -68,6 +69,7 @@ def request_session(body: SessionRequestIn, caller: CurrentPrincipal, auth: Auth
              summary="Emergency access without approval (break-glass grant, step-up); always reviewed afterwards")
 def break_glass(body: BreakGlassIn, caller: CurrentPrincipal, auth: AuthDep, sessions: SessionsDep, source: Source,
                 totp_code: TotpHeader = None) -> SessionOut:
+    sessions.guard_device(caller, body.device)
     auth.step_up(caller, totp_code, "break-glass access", source)
     row = sessions.break_glass(caller, asset_id=body.device, task=body.task, reason=body.reason, incident=body.incident,
                                public_key=body.public_key, source=source,
@@ -98,7 +100,7 @@ def approval_queue(caller: CurrentPrincipal, queries: QueriesDep) -> list[QueueI
 @router.post("/sessions/{sid}/approve", response_model=SessionOut, summary="Approve a request or an extension (approver at the site, step-up)")
 def approve(sid: SessionId, body: AnswerIn, caller: CurrentPrincipal, auth: AuthDep, sessions: SessionsDep, source: Source,
             totp_code: TotpHeader = None) -> SessionOut:
-    sessions.guard(caller, sid)
+    sessions.guard(caller, sid, "approve")
     auth.step_up(caller, totp_code, "approving access", source)
     return _out(sessions, sessions.answer(caller, sid, approve=True, reason=body.reason, source=source))
 
@@ -111,7 +113,7 @@ def reject(sid: SessionId, body: AnswerIn, caller: CurrentPrincipal, sessions: S
 @router.post("/sessions/{sid}/activate", response_model=SessionOut, summary="Open the lane of your approved session (step-up)")
 def activate(sid: SessionId, body: ActivateIn, caller: CurrentPrincipal, auth: AuthDep, sessions: SessionsDep, source: Source,
              totp_code: TotpHeader = None) -> SessionOut:
-    sessions.guard(caller, sid)
+    sessions.guard(caller, sid, "activate")
     auth.step_up(caller, totp_code, "opening a session", source)
     return _out(sessions, sessions.activate(caller, sid, body.public_key, source))
 
@@ -135,7 +137,7 @@ def config(sid: SessionId, caller: CurrentPrincipal, sessions: SessionsDep, sour
 @router.post("/sessions/{sid}/extend", response_model=SessionOut, summary="Extend your active session (reason code, step-up)")
 def extend(sid: SessionId, body: ExtendIn, caller: CurrentPrincipal, auth: AuthDep, sessions: SessionsDep, source: Source,
            totp_code: TotpHeader = None) -> SessionOut:
-    sessions.guard(caller, sid)
+    sessions.guard(caller, sid, "extend")
     auth.step_up(caller, totp_code, "extending a session", source)
     return _out(sessions, sessions.extend(caller, sid, by=parse_duration(body.by), reason_code=body.reason_code,
                                           note=body.note, source=source))
@@ -154,7 +156,7 @@ def revoke(sid: SessionId, body: RevokeIn, caller: CurrentPrincipal, sessions: S
 @router.post("/sessions/{sid}/review", response_model=SessionOut, summary="Review a break-glass session (a second person: approver, soc, admin; step-up)")
 def review(sid: SessionId, body: ReviewIn, caller: CurrentPrincipal, auth: AuthDep, sessions: SessionsDep, source: Source,
            totp_code: TotpHeader = None) -> SessionOut:
-    sessions.guard(caller, sid)
+    sessions.guard(caller, sid, "review")
     auth.step_up(caller, totp_code, "reviewing break-glass", source)
     return _out(sessions, sessions.review(caller, sid, body.note, source))
 

@@ -28,7 +28,7 @@ from .inventory_schemas import (
     SitePublic,
     SiteUpdate,
 )
-from .models import Device, NodeAgent, RoleGrant, Site
+from .models import AccessSession, Device, NodeAgent, RoleGrant, Site
 from .policy import Policy
 from .policy_store import PolicyStore
 
@@ -138,6 +138,11 @@ class Inventory:
             agent = s.scalar(select(NodeAgent).where(NodeAgent.name == name, NodeAgent.site_id == site.id))
             if agent is None:
                 raise NotFound(f"site {site_name} has no agent {name}")
+            carrying = s.scalars(select(AccessSession.id).where(AccessSession.node == name,
+                                                                AccessSession.state == "active").limit(5)).all()
+            if carrying:
+                raise Conflict(f"agent {name} carries active sessions ({', '.join(carrying)}): they must end first "
+                               "(close or revoke them), or the agent could no longer be told to end them")
             s.delete(agent)
             _event(s, caller, now, source, "agent.remove", name, site=site_name)
 

@@ -150,6 +150,8 @@ class Pusher:
         for node in sorted(set(filter(None, nodes))):
             try:
                 self.push(node)
+            except LookupError:
+                log.info("node %s is no longer registered: nothing to push", node)
             except LinkError as exc:
                 failed[node] = str(exc)
                 log.warning("push to node %s failed: %s", node, exc)

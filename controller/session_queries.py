@@ -7,7 +7,8 @@ from datetime import datetime
 from sqlalchemy import func, or_, select
 
 from .auth import Principal
-from .errors import NotFound
+from .errors import Forbidden, NotFound
+from .inventory import READ_ROLES
 from .models import AccessSession, Device, SessionState, Site
 from .session_schemas import AccessRecord, QueueItem, SessionOut
 from .sessions import READERS, may_see
@@ -81,8 +82,10 @@ class SessionQueries:
             if site is None:
                 # a device since deleted still has a history: find its site from its sessions
                 site = s.scalar(select(AccessSession.site).where(AccessSession.asset_id == asset_id).limit(1))
-            if site is None or not caller.can(site, *HISTORY_READERS):
+            if site is None or not caller.can(site, *READ_ROLES):
                 raise NotFound(f"no device {asset_id}")
+            if not caller.can(site, *HISTORY_READERS):
+                raise Forbidden(f"who had access to a device is for approvers, soc, site admins and admins at site {site}")
             until = func.coalesce(AccessSession.ended_at, AccessSession.end_at)
             rows = s.scalars(select(AccessSession).where(
                 AccessSession.asset_id == asset_id, AccessSession.activated_at.is_not(None),

@@ -12,6 +12,7 @@ an unused one lapses (`expires_at`). The lane itself is handed to the node after
 
 from __future__ import annotations
 
+import functools
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -44,6 +45,31 @@ REVIEWERS = ("approver", "soc", "admin")
 # which extensions may take past the task's default), it is one of the sessions counted (concurrency),
 # and a device falling silent during the work is not the engineer's doing (device_seen).
 RECHECK_IGNORES = frozenset({"duration", "concurrency", "device_seen"})
+
+
+class _Refusal(Exception):
+    """A refused action that is recorded. Raised inside the action's transaction and recorded by
+    `_records_refusals` after it has rolled back: on SQLite a second transaction could not write while
+    the first holds the lock."""
+
+    def __init__(self, error, caller, row, type_: str, reason: str, source, now, **body):
+        super().__init__(error.detail)
+        self.error = error
+        self.event = dict(at=now, category="session", type=type_, result="failure", actor_id=caller.user_id,
+                          actor=caller.username, subject=row.id, source=source, reason=reason, **_context(row), **body)
+
+
+def _records_refusals(method):
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except _Refusal as refusal:
+            with transaction(self.factory) as s:
+                events.record(s, **refusal.event)
+            raise refusal.error from None
+
+    return wrapper
 
 
 @dataclass(frozen=True)
@@ -121,6 +147,7 @@ class Sessions:
 
     # ---- approval ----
 
+    @_records_refusals
     def answer(self, caller: Principal, sid: str, *, approve: bool, reason: str, source: str | None) -> AccessSession:
         """An approver's answer to a pending request, or to an extension awaiting re-approval."""
         now = self.auth.now()
@@ -130,8 +157,8 @@ class Sessions:
             if not caller.can(row.site, "approver"):
                 raise Forbidden(f"approving needs the approver role at site {row.site}")
             if row.user_id == caller.user_id:
-                self._refuse(caller, row, "session.approve", "self_approval", source, now)
-                raise Forbidden("nobody approves their own request: another approver must")
+                raise _Refusal(Forbidden("nobody approves their own request: another approver must"),
+                               caller, row, "session.approve", "self_approval", source, now)
             if row.state == S.pending_approval.value:
                 kind = "request"
             elif row.state == S.active.value and row.extension_request:
@@ -195,6 +222,7 @@ class Sessions:
     def activate(self, caller: Principal, sid: str, public_key: str | None, source: str | None) -> AccessSession:
         return self._activate(caller, sid, public_key, source, approved_by_policy=False)
 
+    @_records_refusals
     def _activate(self, caller: Principal, sid: str, public_key: str | None, source: str | None, *,
                   approved_by_policy: bool) -> AccessSession:
         now = self.auth.now()
@@ -208,8 +236,8 @@ class Sessions:
             key = public_key or row.engineer_public_key
             decision = self._decide_again(row, timedelta(seconds=row.duration_s), now)
             if decision.outcome == DENY:
-                self._refuse(caller, row, "session.activate", _code(decision.failed[0]), source, now, **_decision_body(decision))
-                raise _Denied(decision, sid)
+                raise _Refusal(_Denied(decision, sid), caller, row, "session.activate", _code(decision.failed[0]), source, now,
+                               **_decision_body(decision))
             site = s.scalar(select(Site).where(Site.name == row.site))
             node = session_lanes.node_for(s, site)
             address, port = session_lanes.lease(s, sid, site)
@@ -409,6 +437,7 @@ class Sessions:
 
     # ---- break-glass review ----
 
+    @_records_refusals
     def review(self, caller: Principal, sid: str, note: str, source: str | None) -> AccessSession:
         now = self.auth.now()
         with transaction(self.factory) as s:
@@ -418,8 +447,8 @@ class Sessions:
             if not caller.can(row.site, *REVIEWERS):
                 raise Forbidden(f"reviewing break-glass needs the approver, soc or admin role at site {row.site}")
             if row.user_id == caller.user_id:
-                self._refuse(caller, row, "break_glass.review", "self_review", source, now)
-                raise Forbidden("a break-glass session is reviewed by a second person, never by whoever opened it")
+                raise _Refusal(Forbidden("a break-glass session is reviewed by a second person, never by whoever opened it"),
+                               caller, row, "break_glass.review", "self_review", source, now)
             if row.reviewed_at is not None:
                 raise Conflict(f"session {sid} was already reviewed by {row.reviewed_by} at {_iso(row.reviewed_at)}")
             if row.state == S.denied.value:
@@ -432,18 +461,42 @@ class Sessions:
 
     # ---- reads the API needs before a step-up ----
 
-    def guard(self, caller: Principal, sid: str) -> None:
-        """404 for a session the caller may not see, before any TOTP code is spent on it."""
+    @_records_refusals
+    def guard(self, caller: Principal, sid: str, action: str | None = None) -> None:
+        """Refuse, before any TOTP code is spent: a session the caller may not see (404), and an `action`
+        (approve, activate, extend, review) the caller may not take on it (403). The action re-checks
+        all of this under its lock."""
+        now = self.auth.now()
         with self.factory() as s:
             row = s.get(AccessSession, sid)
-        if row is None or not may_see(caller, row):
-            raise NotFound(f"no session {sid}")
+            if row is None or not may_see(caller, row):
+                raise NotFound(f"no session {sid}")
+            if action in ("activate", "extend"):
+                self._own(caller, row, action)
+            elif action == "approve":
+                if not caller.can(row.site, "approver"):
+                    raise Forbidden(f"approving needs the approver role at site {row.site}")
+                if row.user_id == caller.user_id:
+                    raise _Refusal(Forbidden("nobody approves their own request: another approver must"),
+                                   caller, row, "session.approve", "self_approval", None, now)
+            elif action == "review":
+                if not caller.can(row.site, *REVIEWERS):
+                    raise Forbidden(f"reviewing break-glass needs the approver, soc or admin role at site {row.site}")
+                if row.break_glass and row.user_id == caller.user_id:
+                    raise _Refusal(Forbidden("a break-glass session is reviewed by a second person, never by whoever opened it"),
+                                   caller, row, "break_glass.review", "self_review", None, now)
+
+    def guard_device(self, caller: Principal, asset_id: str) -> None:
+        """404 for a device the caller cannot see, before a request spends a TOTP code."""
+        self._visible_site(caller, asset_id)
 
     def desired_for(self, caller: Principal, node: str):
         with self.factory() as s:
             site = s.scalar(select(Site.name).join(NodeAgent, NodeAgent.site_id == Site.id).where(NodeAgent.name == node))
-            if site is None or not caller.can(site, "site_admin", "admin"):
+            if site is None or not caller.can(site, *READ_ROLES):
                 raise NotFound(f"no node {node}")
+            if not caller.can(site, "site_admin", "admin"):
+                raise Forbidden(f"a node's desired state is for site admins of {site} and admins")
             return session_lanes.desired_state(s, node)
 
     # ---- helpers ----
@@ -477,12 +530,6 @@ class Sessions:
     def _own(caller: Principal, row: AccessSession, verb: str) -> None:
         if row.user_id != caller.user_id:
             raise Forbidden(f"only {row.username}, who requested it, can {verb} session {row.id}")
-
-    def _refuse(self, caller, row, type_: str, reason: str, source, now, **body) -> None:
-        """Record a refused action in its own transaction: the caller's one is about to roll back."""
-        with transaction(self.factory) as s:
-            events.record(s, at=now, category="session", type=type_, result="failure", actor_id=caller.user_id,
-                          actor=caller.username, subject=row.id, source=source, reason=reason, **_context(row), **body)
 
     def _get(self, sid: str) -> AccessSession:
         with self.factory() as s:

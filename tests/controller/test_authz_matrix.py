@@ -4,10 +4,16 @@ else's object (and the caller's own, and one that does not exist).
 The table below is the specification. A route the application serves but the table does not list fails
 the test, so a new endpoint cannot ship without someone deciding who may call it.
 
-Beyond the status code, every refused call is checked for side effects: no account, site, agent, device
-or policy changed, no account, inventory or policy event written, no step-up recorded, and the step-up
-code the caller sent is still unused afterwards (refusal happens before the second factor is touched).
-Scoped reads that succeed are checked for what they show: a list names only the caller's sites.
+Beyond the status code, every refused call is checked for side effects: no account, site, agent, device,
+policy or session changed, no account, inventory or policy event written, no step-up recorded, and the
+step-up code the caller sent is still unused afterwards (refusal happens before the second factor is
+touched). The one exception is a policy's refusal of break-glass (DECIDED_AFTER_STEP_UP): like a denied
+request it is decided after the step-up and recorded, as a denied session and a failure event. Scoped reads
+that succeed are checked for what they show: a list names only the caller's sites, a list of sessions or
+the approval queue exactly the sessions the caller may see there.
+
+Session rows aim at sessions made for them (`World.session_for`); from the first of them on, the engineer
+also holds a break-glass grant at north-1, so that someone may open a break-glass session.
 
 Cells where the application disagrees with the table today are `KNOWN_BUGS`: the matrix tolerates exactly
 the answer each gives now, and each has a strict xfail test (`test_known_authorisation_bug`) that fails
@@ -31,18 +37,23 @@ from fastapi.testclient import TestClient
 from sqlalchemy import delete, func, select
 
 from controller.models import (
+    AccessSession,
     Device,
     Event,
+    LaneLease,
     NodeAgent,
     PolicyVersion,
     RecoveryCode,
     RoleGrant,
+    SessionApproval,
     Site,
     Throttle,
     UsedTotp,
     User,
 )
+from controller.sessions import READERS
 
+from . import session_helpers
 from .conftest import Harness, Person, example_policy_files
 
 API = "/api/v1"
@@ -52,6 +63,8 @@ NO_SITE = "nowhere-9"
 MISSING_ID = 987_654
 MISSING_ASSET = "NO-SUCH-ASSET"
 TASK = "iec104-diagnostics"
+APPROVAL_TASK = "der-commissioning"  # one approver
+NO_SESSION = "s-aaaaaaaaaaaa"  # a well-formed session ID that no session has
 
 CALLERS = ("anon", "garbage", "forged", "engineer", "engineer_s2", "contractor", "approver", "site_admin",
            "site_admin_s2", "soc", "admin")
@@ -145,6 +158,60 @@ _ROWS = {
     "POST /api/v1/policy/evaluate @other-user":                    (401, 401, 401, 403, 404, 403, 200, 403, 404, 200, 200),
     "POST /api/v1/policy/evaluate @other-user-south":              (401, 401, 401, 404, 403, 404, 404, 404, 403, 200, 200),
     "POST /api/v1/policy/evaluate @missing-user":                  (401, 401, 401, 403, 404, 403, 404, 403, 404, 404, 404),
+    # sessions. Targets: @own = the caller's own (only the engineers can open one under the example policy),
+    # @north / @south = another engineer's at north-1 / south-2, @missing = none; for requests, the device's site.
+    # Seeing a session needs approver, site_admin, soc or admin at its site (else 404: engineer A never learns of
+    # B's session); answering: approver there; revoking: approver there, soc, admin; reviewing break-glass: the
+    # same but never its opener; the owner alone activates, downloads, extends and closes. A request is decided
+    # (201, maybe denied) for anyone who may read the device; break-glass without a grant is 403 with the decision.
+    "POST /api/v1/sessions @north":                                (401, 401, 401, 201, 404, 201, 201, 201, 404, 201, 201),
+    "POST /api/v1/sessions @south":                                (401, 401, 401, 404, 201, 404, 404, 404, 201, 201, 201),
+    "POST /api/v1/sessions @missing":                              (401, 401, 401, 404, 404, 404, 404, 404, 404, 404, 404),
+    "POST /api/v1/break-glass @north":                             (401, 401, 401, 201, 404, 403, 403, 403, 404, 403, 403),
+    "POST /api/v1/break-glass @south":                             (401, 401, 401, 404, 403, 404, 404, 404, 403, 403, 403),
+    "POST /api/v1/break-glass @missing":                           (401, 401, 401, 404, 404, 404, 404, 404, 404, 404, 404),
+    "GET /api/v1/sessions":                                        (401, 401, 401, 200, 200, 200, 200, 200, 200, 200, 200),
+    "GET /api/v1/sessions @all":                                   (401, 401, 401, 200, 200, 200, 200, 200, 200, 200, 200),
+    "GET /api/v1/sessions/{sid} @own":                             (_,   _,   _,   200, 200, _,   _,   _,   _,   _,   _),
+    "GET /api/v1/sessions/{sid} @north":                           (401, 401, 401, 404, 404, 404, 200, 200, 404, 200, 200),
+    "GET /api/v1/sessions/{sid} @south":                           (401, 401, 401, 404, 404, 404, 404, 404, 200, 200, 200),
+    "GET /api/v1/sessions/{sid} @missing":                         (401, 401, 401, 404, 404, 404, 404, 404, 404, 404, 404),
+    "GET /api/v1/approvals":                                       (401, 401, 401, 200, 200, 200, 200, 200, 200, 200, 200),
+    "POST /api/v1/sessions/{sid}/approve @own":                    (_,   _,   _,   403, 403, _,   _,   _,   _,   _,   _),
+    "POST /api/v1/sessions/{sid}/approve @north":                  (401, 401, 401, 404, 404, 404, 200, 403, 404, 403, 403),
+    "POST /api/v1/sessions/{sid}/approve @south":                  (401, 401, 401, 404, 404, 404, 404, 404, 403, 403, 403),
+    "POST /api/v1/sessions/{sid}/approve @missing":                (401, 401, 401, 404, 404, 404, 404, 404, 404, 404, 404),
+    "POST /api/v1/sessions/{sid}/reject @own":                     (_,   _,   _,   403, 403, _,   _,   _,   _,   _,   _),
+    "POST /api/v1/sessions/{sid}/reject @north":                   (401, 401, 401, 404, 404, 404, 200, 403, 404, 403, 403),
+    "POST /api/v1/sessions/{sid}/reject @missing":                 (401, 401, 401, 404, 404, 404, 404, 404, 404, 404, 404),
+    "POST /api/v1/sessions/{sid}/activate @own":                   (_,   _,   _,   200, 200, _,   _,   _,   _,   _,   _),
+    "POST /api/v1/sessions/{sid}/activate @north":                 (401, 401, 401, 404, 404, 404, 403, 403, 404, 403, 403),
+    "POST /api/v1/sessions/{sid}/activate @missing":               (401, 401, 401, 404, 404, 404, 404, 404, 404, 404, 404),
+    "GET /api/v1/sessions/{sid}/config @own":                      (_,   _,   _,   200, 200, _,   _,   _,   _,   _,   _),
+    "GET /api/v1/sessions/{sid}/config @north":                    (401, 401, 401, 404, 404, 404, 403, 403, 404, 403, 403),
+    "GET /api/v1/sessions/{sid}/config @missing":                  (401, 401, 401, 404, 404, 404, 404, 404, 404, 404, 404),
+    "POST /api/v1/sessions/{sid}/extend @own":                     (_,   _,   _,   200, 200, _,   _,   _,   _,   _,   _),
+    "POST /api/v1/sessions/{sid}/extend @north":                   (401, 401, 401, 404, 404, 404, 403, 403, 404, 403, 403),
+    "POST /api/v1/sessions/{sid}/extend @missing":                 (401, 401, 401, 404, 404, 404, 404, 404, 404, 404, 404),
+    "POST /api/v1/sessions/{sid}/close @own":                      (_,   _,   _,   200, 200, _,   _,   _,   _,   _,   _),
+    "POST /api/v1/sessions/{sid}/close @north":                    (401, 401, 401, 404, 404, 404, 403, 403, 404, 403, 403),
+    "POST /api/v1/sessions/{sid}/close @missing":                  (401, 401, 401, 404, 404, 404, 404, 404, 404, 404, 404),
+    "POST /api/v1/sessions/{sid}/revoke @own":                     (_,   _,   _,   403, 403, _,   _,   _,   _,   _,   _),
+    "POST /api/v1/sessions/{sid}/revoke @north":                   (401, 401, 401, 404, 404, 404, 200, 403, 404, 200, 200),
+    "POST /api/v1/sessions/{sid}/revoke @south":                   (401, 401, 401, 404, 404, 404, 404, 404, 403, 200, 200),
+    "POST /api/v1/sessions/{sid}/revoke @missing":                 (401, 401, 401, 404, 404, 404, 404, 404, 404, 404, 404),
+    "POST /api/v1/sessions/{sid}/review @own":                     (_,   _,   _,   403, _,   _,   _,   _,   _,   _,   _),
+    "POST /api/v1/sessions/{sid}/review @north":                   (401, 401, 401, 404, 404, 404, 200, 403, 404, 200, 200),
+    "POST /api/v1/sessions/{sid}/review @south":                   (401, 401, 401, 404, 404, 404, 404, 404, 403, 200, 200),
+    "POST /api/v1/sessions/{sid}/review @missing":                 (401, 401, 401, 404, 404, 404, 404, 404, 404, 404, 404),
+    # who had access to a device: approver, site_admin, soc, admin at its site; a node's desired state: site_admin
+    # there, admin. Whoever reads the device (or the site, which lists its agents) is refused with 403, others 404.
+    "GET /api/v1/devices/{asset_id}/access @north":                (401, 401, 401, 403, 404, 403, 200, 200, 404, 200, 200),
+    "GET /api/v1/devices/{asset_id}/access @south":                (401, 401, 401, 404, 403, 404, 404, 404, 200, 200, 200),
+    "GET /api/v1/devices/{asset_id}/access @missing":              (401, 401, 401, 404, 404, 404, 404, 404, 404, 404, 404),
+    "GET /api/v1/nodes/{node}/desired @north":                     (401, 401, 401, 403, 404, 403, 403, 200, 404, 403, 200),
+    "GET /api/v1/nodes/{node}/desired @south":                     (401, 401, 401, 404, 403, 404, 404, 404, 200, 403, 200),
+    "GET /api/v1/nodes/{node}/desired @missing":                   (401, 401, 401, 404, 404, 404, 404, 404, 404, 404, 404),
     # accounts: admins only (the last row deletes the account the others aim at)
     "GET /api/v1/users":                                           (401, 401, 401, 403, 403, 403, 403, 403, 403, 403, 200),
     "POST /api/v1/users":                                          (401, 401, 401, 403, 403, 403, 403, 403, 403, 403, 201),
@@ -184,7 +251,12 @@ STEP_UP = {"POST /api/v1/auth/password", "POST /api/v1/auth/recovery-codes", "PO
            "POST /api/v1/sites", "PATCH /api/v1/sites/{name}", "DELETE /api/v1/sites/{name}",
            "POST /api/v1/sites/{name}/agents", "DELETE /api/v1/sites/{name}/agents/{agent}",
            "POST /api/v1/devices", "POST /api/v1/devices/import", "PATCH /api/v1/devices/{asset_id}",
-           "DELETE /api/v1/devices/{asset_id}", "POST /api/v1/policy/apply"}
+           "DELETE /api/v1/devices/{asset_id}", "POST /api/v1/policy/apply",
+           "POST /api/v1/sessions", "POST /api/v1/break-glass", "POST /api/v1/sessions/{sid}/approve",
+           "POST /api/v1/sessions/{sid}/activate", "POST /api/v1/sessions/{sid}/extend", "POST /api/v1/sessions/{sid}/review"}
+# Refusals that are policy decisions, made (and recorded, with the decision) after the step-up, as a request's
+# denial is: break-glass by someone the policy does not let open it.
+DECIDED_AFTER_STEP_UP = {"POST /api/v1/break-glass"}
 
 
 # ---- where the application disagrees with the table ----
@@ -197,7 +269,11 @@ class KnownBug:
 
 
 # Fixed since, and now plain cells of the matrix: "agent-lookup-after-step-up" (DELETE /sites/{name}/agents/{agent}
-# for an agent the site does not have answered 404 only after spending the caller's TOTP code).
+# for an agent the site does not have answered 404 only after spending the caller's TOTP code);
+# "session-device-lookup-after-step-up" (POST /sessions and /break-glass looked the device up after the step-up);
+# "session-role-check-after-step-up" (approve, activate, extend, review checked role and ownership after it);
+# "history-and-desired-404-to-readers" (device access history and a node's desired state answered 404, not 403,
+# to callers who can read the device or site).
 KNOWN_BUGS: dict[str, KnownBug] = {}
 
 
@@ -265,6 +341,11 @@ CSV_HEADER = "asset_id,device_type,site,addresses\n"
 # What a refused call must leave as it was: every row (a policy version by its content hash, not its files).
 STATE = [select(m.__table__).order_by(m.id) for m in (User, RoleGrant, RecoveryCode, Site, NodeAgent, Device)] + [
     select(PolicyVersion.id, PolicyVersion.version, PolicyVersion.comment, PolicyVersion.applied_by).order_by(PolicyVersion.id)]
+# ... and every session, its approvals and its leased address and port.
+SESSION_STATE = [select(AccessSession.__table__).order_by(AccessSession.id), select(SessionApproval.__table__).order_by(SessionApproval.id),
+                 select(LaneLease.__table__).order_by(LaneLease.session_id)]
+# The state a session must be in for a route to act on it: made afresh for each row, and again after a call used it up.
+SESSION_NEEDS = {"approve": "pending", "reject": "pending", "activate": "approved", "review": "break-glass"}
 
 
 @dataclass
@@ -279,6 +360,11 @@ class World:
     client: TestClient | None = None
     stock: dict[str, str] = field(default_factory=dict)
     counter: itertools.count = field(default_factory=itertools.count)
+    session_devices: dict[str, str] = field(default_factory=dict)  # "rtu:north", "der:south"… → asset ID
+    seen_at: float = 0.0  # when the session devices were last marked seen
+    slots: dict[tuple, str] = field(default_factory=dict)  # (route, target, owner) → the session calls aim at
+    last_slot: tuple | None = None
+    open_sessions: dict[str, list[str]] = field(default_factory=dict)  # owner → sessions they may still have open
 
     @classmethod
     def build(cls, ctl: Harness, roles=PEOPLE, victim_password: str | None = None) -> World:
@@ -369,14 +455,16 @@ class World:
         self.tokens[caller] = self.ctl.login(self.people[caller])
         self.logged_in_at[caller] = self.used_at[caller] = self.ctl.t
 
-    def keep_logged_in(self, caller: str) -> None:
+    def keep_logged_in(self, caller: str) -> bool:
         """A login lasts 8 hours of the test's clock, which the whole matrix outlasts, and dies after 15
-        minutes unused, which a caller the test leaves out for a while may be."""
-        if caller not in self.people:
-            return
+        minutes unused, which a caller the test leaves out for a while may be. True if it logged in again."""
+        if caller not in self.logged_in_at:
+            return False
         settings, now = self.ctl.settings, self.ctl.t
         if now - self.logged_in_at[caller] > settings.token_max_s - 3600 or now - self.used_at[caller] > settings.token_idle_s - 300:
             self.relogin(caller)
+            return True
+        return False
 
     def forget_failures(self) -> None:
         """Clear the failed-attempt throttle (it has tests of its own; here a refusal must not be a hold-off)."""
@@ -395,9 +483,19 @@ class World:
             return list(s.scalars(select(Event).where(Event.seq > seq).order_by(Event.seq)))
 
     def state(self) -> tuple:
-        """Every row of accounts, grants, recovery codes, sites, agents, devices and applied policies."""
+        """Every row of accounts, grants, recovery codes, sites, agents, devices, applied policies and sessions."""
         with self.ctl.app.state.auth.factory() as s:
-            return tuple(tuple(s.execute(query).all()) for query in STATE)
+            return tuple(tuple(s.execute(query).all()) for query in STATE + SESSION_STATE)
+
+    @staticmethod
+    def only_denied_sessions_added(before: tuple, after: tuple) -> bool:
+        """Between two `state()`s: nothing changed but new sessions, each of them denied (a recorded decision)."""
+        core = len(STATE)
+        if before[:core] != after[:core] or before[core + 1:] != after[core + 1:]:
+            return False
+        old = {r.id for r in before[core]}
+        return (tuple(r for r in after[core] if r.id in old) == before[core]
+                and all(r.state == "denied" for r in after[core] if r.id not in old))
 
     def steps_used(self, caller: str) -> set[int]:
         """The TOTP steps `caller` has spent: the replay guard's rows, which a login or a step-up writes (a
@@ -432,7 +530,18 @@ class World:
             agent = self.stock["agent:south" if target in ("south", "south-agent-via-north") else "agent:north"]
             path = path.replace("{agent}", agent)
         path = path.replace("{policy_id}", "1" if target == "existing" else str(MISSING_ID))
+        if "{sid}" in path:
+            path = path.replace("{sid}", self.session_for(route, caller, target))
+        if "{node}" in path:
+            path = path.replace("{node}", self.stock.get(f"agent:{target}", "no-such-node"))
         params = {"site": site} if target != "self" and route in (f"GET {API}/devices", f"GET {API}/devices/export") else None
+        if route == "GET /api/v1/sessions":
+            params = {"limit": 1000, **({"scope": "all"} if target == "all" else {})}
+        elif route == "GET /api/v1/devices/{asset_id}/access":
+            self.session_setup()
+            asset = MISSING_ASSET if target == "missing" else self.session_devices[f"rtu:{target}"]
+            path = f"{API}/devices/{asset}/access"
+            params = {"from": _iso(self.ctl.t - 86400), "to": _iso(self.ctl.t + 3600)}
         body = None
         if route == "POST /api/v1/auth/login":
             if target == "self":
@@ -480,6 +589,24 @@ class World:
         elif route == "POST /api/v1/policy/apply":  # a policy that differs from the active one
             extra = f"wicket_policy: 1\ndestinations:\n  made-{n}:\n    addresses: [198.51.100.{n % 250 + 1}]\n"
             body = {"files": {**example_policy_files(), "made.yaml": extra}, "comment": f"made {n}"}
+        elif route in ("POST /api/v1/sessions", "POST /api/v1/break-glass"):
+            self.session_setup()
+            device = MISSING_ASSET if target == "missing" else self.session_devices[f"rtu:{'south' if target == 'south' else 'north'}"]
+            body = {"device": device, "task": TASK, "reason": f"matrix request {n}"}
+            if route.endswith("break-glass"):
+                body["incident"] = f"INC-{n}"
+        elif route in ("POST /api/v1/sessions/{sid}/approve", "POST /api/v1/sessions/{sid}/reject"):
+            body = {"reason": f"matrix answer {n}"}
+        elif route == "POST /api/v1/sessions/{sid}/activate":
+            body = {}
+        elif route == "POST /api/v1/sessions/{sid}/extend":
+            body = {"by": "5m", "reason_code": "fault-still-open"}
+        elif route == "POST /api/v1/sessions/{sid}/close":
+            body = {"reason": f"matrix close {n}"}
+        elif route == "POST /api/v1/sessions/{sid}/revoke":
+            body = {"reason": f"matrix revocation {n}"}
+        elif route == "POST /api/v1/sessions/{sid}/review":
+            body = {"note": f"matrix review {n}"}
         elif route == "POST /api/v1/policy/evaluate":
             # @other-user: the victim (an engineer at north-1) on north-1's device; -south: on south-2's;
             # @missing-user: someone who does not exist
@@ -489,6 +616,8 @@ class World:
                 body["user"] = self.victim.username
             elif target == "missing-user":
                 body["user"] = "nobody-here"
+        if self.keep_logged_in(caller):  # making the sessions to aim at took a while
+            self.ctl.advance(30)  # and the login spent this step's code
         return method, path, params, body
 
     def after_success(self, route: str, target: str, caller: str, path: str, body: dict | None, res) -> None:
@@ -507,6 +636,82 @@ class World:
             target = self.person_by_id(int(path.rsplit("/", 2)[-2]))
             if target is not None:
                 target.secret = re.search(r"secret=([A-Z2-7]+)", res.json()["otpauth_uri"]).group(1)
+        elif route in ("POST /api/v1/sessions", "POST /api/v1/break-glass"):
+            self.open_sessions.setdefault(caller, []).append(res.json()["id"])
+        elif "{sid}" in route and route != "GET /api/v1/sessions/{sid}":
+            self.slots.pop(self.last_slot, None)  # used up: the next caller gets a fresh one
+
+    # ---- sessions for the calls to aim at ----
+
+    def session_setup(self) -> None:
+        """Once, before the first session call: a device of each kind seen now at both sites; the engineers who
+        own the @north and @south sessions (with break-glass grants) and the approvers who approve them; and a
+        break-glass grant at north-1 for the engineer, so that one caller may open a break-glass session."""
+        if self.session_devices:
+            return
+        ctl = self.ctl
+        for where, site in (("north", SITE), ("south", OTHER_SITE)):
+            for kind, device_type in (("rtu", "substation-rtu"), ("der", "der-gateway")):
+                asset = f"S-{kind.upper()}-{where[0].upper()}"
+                ctl.add_device(asset, site, device_type=device_type, last_seen=_iso(ctl.t))
+                self.session_devices[f"{kind}:{where}"] = asset
+        self.seen_at = ctl.t
+        for where, site in (("north", SITE), ("south", OTHER_SITE)):
+            n = where[0]
+            self.people[f"owner:{where}"] = ctl.add_user(f"sown{n}", roles=[("engineer", site), ("break_glass", site)])
+            self.people[f"approver:{where}"] = ctl.add_user(f"sappr{n}", roles=[("approver", site)])
+            self.relogin(f"owner:{where}")
+            self.relogin(f"approver:{where}")
+        if "engineer" in self.people:
+            session_helpers.grant(ctl, self.people["engineer"], "break_glass", SITE)
+
+    def session_for(self, route: str, caller: str, target: str) -> str:
+        """The session a call of `route` aims at: @own the caller's, @north / @south another engineer's there,
+        in the state the route acts on (SESSION_NEEDS; active otherwise). One per row and owner, until used up."""
+        if target == "missing":
+            return NO_SESSION
+        self.session_setup()
+        owner = caller if target == "own" else f"owner:{target}"
+        where = ("south" if caller.endswith("_s2") else "north") if target == "own" else target
+        key = self.last_slot = (route, target, owner)
+        if key not in self.slots:
+            self.slots[key] = self.open_session(owner, where, SESSION_NEEDS.get(route.rsplit("/", 1)[-1], "active"))
+        return self.slots[key]
+
+    def open_session(self, owner: str, where: str, need: str) -> str:
+        """A new session of `owner` at `where` in state `need` (active, pending, approved, break-glass); the
+        owner's earlier ones are closed first (the policy allows two open at a time)."""
+        ctl = self.ctl
+        if ctl.t - self.seen_at > 12 * 3600:  # the policy refuses a device not seen for a day
+            for asset in self.session_devices.values():
+                res = ctl.client.patch(f"{API}/devices/{asset}", json={"last_seen": _iso(ctl.t)}, headers=ctl.step_up_admin())
+                assert res.status_code == 200, res.text
+            self.seen_at = ctl.t
+        self.keep_logged_in(owner)
+        for sid in self.open_sessions.pop(owner, []):
+            self.call(owner, "POST", f"{API}/sessions/{sid}/close")  # 409 for one that has ended: fine
+        asks_approval = need in ("pending", "approved")
+        body = {"device": self.session_devices[f"{'der' if asks_approval else 'rtu'}:{where}"],
+                "task": APPROVAL_TASK if asks_approval else TASK, "reason": "made by the authorisation matrix"}
+        if need == "break-glass":
+            body["incident"] = "INC-MATRIX"
+        elif need == "active":
+            body["duration"] = "1h"
+        res = self.stepped_up(owner, "POST", f"{API}/{'break-glass' if need == 'break-glass' else 'sessions'}", body)
+        assert res.status_code == 201, res.text
+        sid, state = res.json()["id"], res.json()["state"]
+        self.open_sessions.setdefault(owner, []).append(sid)
+        assert state == ("pending_approval" if asks_approval else "active"), res.text
+        if need == "approved":
+            res = self.stepped_up(f"approver:{where}", "POST", f"{API}/sessions/{sid}/approve", {"reason": "made by the matrix"})
+            assert res.status_code == 200 and res.json()["state"] == "approved", res.text
+        ctl.advance(30)  # whoever calls next sends a code from a step nobody has used
+        return sid
+
+    def stepped_up(self, who: str, method: str, path: str, body: dict):
+        self.keep_logged_in(who)
+        self.ctl.advance(30)
+        return self.call(who, method, path, json=body, totp=self.fresh_code(who))
 
     # ---- what a successful read may show ----
 
@@ -518,7 +723,10 @@ class World:
         return {site for _role, site in roles}
 
     def shown_too_much(self, route: str, caller: str, params: dict | None, res) -> str | None:
-        """For a list, the sites it names must be exactly the caller's sites that have such objects."""
+        """For a list, the sites it names must be exactly the caller's sites that have such objects; a list of
+        sessions or the approval queue exactly the sessions the caller may see in it."""
+        if route in ("GET /api/v1/sessions", "GET /api/v1/approvals"):
+            return self.sessions_shown_wrong(route, caller, params, res)
         if route not in ("GET /api/v1/sites", "GET /api/v1/devices", "GET /api/v1/devices/export"):
             return None
         with self.ctl.app.state.auth.factory() as s:
@@ -536,6 +744,38 @@ class World:
             if params:
                 want &= {params["site"]}
         return None if shown == want else f"showed sites {sorted(shown)}, not {sorted(want)}"
+
+    def sites_with(self, caller: str, roles: tuple[str, ...]) -> set[str] | None:
+        """The sites where `caller` holds one of `roles`; None: every site."""
+        out = set()
+        for role, site in self.people[caller].roles:
+            if role in roles:
+                if site is None:
+                    return None
+                out.add(site)
+        return out
+
+    def sessions_shown_wrong(self, route: str, caller: str, params: dict | None, res) -> str | None:
+        """GET /sessions: the caller's own; with scope=all, also every one at a site where the caller is approver,
+        site_admin, soc or admin. GET /approvals: requests pending at the caller's approver sites, not their own,
+        not yet answered by them."""
+        me = self.people[caller]
+        with self.ctl.app.state.auth.factory() as s:
+            rows = s.execute(select(AccessSession.id, AccessSession.user_id, AccessSession.site, AccessSession.state)).all()
+            answered = set(s.scalars(select(SessionApproval.session_id).where(SessionApproval.approver_id == me.user_id,
+                                                                              SessionApproval.kind == "request")))
+        if route == "GET /api/v1/sessions":
+            shown = {x["id"] for x in res.json()}
+            sites = self.sites_with(caller, READERS) if (params or {}).get("scope") == "all" else set()
+            want = {sid for sid, user_id, site, _state in rows if user_id == me.user_id or sites is None or site in sites}
+        else:
+            shown = {x["session"]["id"] for x in res.json()}
+            sites = self.sites_with(caller, ("approver",))
+            want = {sid for sid, user_id, site, state in rows if state == "pending_approval" and user_id != me.user_id
+                    and (sites is None or site in sites) and sid not in answered}
+        if shown == want:
+            return None
+        return f"showed {sorted(shown - want)} it should not, and not {sorted(want - shown)}"
 
     # ---- one cell of the table ----
 
@@ -569,17 +809,32 @@ class World:
                 out.append(Mismatch(key, caller, "victim on", seen.status_code, "a logout ended someone else's login"))
         if refused:
             # refused: nothing changed, no account, inventory or policy event; and when refused for who is
-            # asking or what is asked for (401/403/404), before the step-up: no step-up event, the code unspent
-            before_step_up = expected in (401, 403, 404)
-            bad = [f"{e.type}/{e.result}" for e in self.events_after(seq)
+            # asking or what is asked for (401/403/404), before the step-up: no step-up event, the code unspent.
+            # A policy's refusal (DECIDED_AFTER_STEP_UP) comes after the step-up and leaves its record: a denied
+            # session and a failure event.
+            decided = got == expected == 403 and route in DECIDED_AFTER_STEP_UP
+            before_step_up = expected in (401, 403, 404) and not decided
+            found = self.events_after(seq)
+            bad = [f"{e.type}/{e.result}" for e in found
                    if e.category in ("account", "inventory", "policy") or (before_step_up and e.type == "step_up")]
             if bad:
                 out.append(Mismatch(key, caller, "no events", "events", f"recorded {bad}"))
-            if self.state() != before:
-                out.append(Mismatch(key, caller, "unchanged", "changed", "a refused call changed an account or the inventory"))
+            after = self.state()
+            if decided:
+                if not self.only_denied_sessions_added(before, after):
+                    out.append(Mismatch(key, caller, "a denial", "changed", "a refused break-glass changed more than its record"))
+                if not any(e.type == "break_glass.open" and e.result == "failure" and e.actor_id == self.people[caller].user_id
+                           for e in found):
+                    out.append(Mismatch(key, caller, "recorded", "unrecorded", "a refused break-glass left no failure event"))
+            elif after != before:
+                out.append(Mismatch(key, caller, "unchanged", "changed", "a refused call changed an account, the inventory or a session"))
             if before_step_up and code is not None and self.steps_used(caller) != steps:
                 out.append(Mismatch(key, caller, "code unused", "spent", "a refused call consumed the step-up code"))
         return out
+
+
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).isoformat().replace("+00:00", "Z")
 
 
 def _pool(n: int) -> str:
