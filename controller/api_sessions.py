@@ -83,8 +83,10 @@ def list_sessions(caller: CurrentPrincipal, queries: QueriesDep,
                   state: Annotated[list[State] | None, Query()] = None,
                   site: Annotated[str | None, Query(pattern=SITE_NAME.pattern)] = None,
                   device: Annotated[str | None, Query(pattern=ASSET_ID.pattern)] = None,
+                  unreviewed: bool = Query(False, description="only break-glass sessions that still owe their review"),
                   limit: int = Query(200, ge=1, le=1000)) -> list[SessionOut]:
-    return queries.list(caller, mine=scope == "mine", states=list(state or []), site=site, device=device, limit=limit)
+    return queries.list(caller, mine=scope == "mine", states=list(state or []), site=site, device=device,
+                        unreviewed=unreviewed, limit=limit)
 
 
 @router.get("/sessions/{sid}", response_model=SessionOut, summary="One session")

@@ -213,6 +213,7 @@ def sessions(ctx: typer.Context,
              state: Annotated[list[str] | None, typer.Option("--state", metavar="STATE", help=f"repeatable: {' | '.join(STATES)}")] = None,
              site: Annotated[str | None, typer.Option("--site", metavar="NAME")] = None,
              device: Annotated[str | None, typer.Option("--device", metavar="ASSET")] = None,
+             unreviewed: Annotated[bool, typer.Option("--unreviewed", help="only break-glass sessions nobody has reviewed yet")] = False,
              limit: Annotated[int, typer.Option("--limit", metavar="N", min=1, max=1000)] = 100,
              as_json: JsonOpt = False) -> None:
     """Sessions, newest first: yours, or (--all) every one at your sites."""
@@ -221,6 +222,8 @@ def sessions(ctx: typer.Context,
         raise CliError(f"unknown state {bad[0]!r}: one of {', '.join(STATES)}", exit_code=EXIT_USAGE)
     params: dict[str, Any] = {"scope": "all" if every else "mine", "limit": limit, "state": state or []}
     params |= {k: v for k, v in (("site", site), ("device", device)) if v}
+    if unreviewed:
+        params["unreviewed"] = "true"
     rows = connect(ctx).call("GET", "/api/v1/sessions", params=params)
     if as_json:
         print_json(rows)

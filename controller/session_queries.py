@@ -29,7 +29,7 @@ class SessionQueries:
             return SessionOut.of(row, self.auth.now())
 
     def list(self, caller: Principal, *, mine: bool, states: list[str], site: str | None, device: str | None,
-             limit: int) -> list[SessionOut]:
+             limit: int, unreviewed: bool = False) -> list[SessionOut]:
         """Newest first. `mine`: the caller's own; otherwise every session the caller may see."""
         q = select(AccessSession)
         if mine:
@@ -44,6 +44,9 @@ class SessionQueries:
             q = q.where(AccessSession.site == site)
         if device:
             q = q.where(AccessSession.asset_id == device)
+        if unreviewed:
+            q = q.where(AccessSession.break_glass.is_(True), AccessSession.reviewed_at.is_(None),
+                        AccessSession.state != S.denied.value)
         q = q.order_by(AccessSession.requested_at.desc(), AccessSession.id).limit(limit)
         now = self.auth.now()
         with self.factory() as s:

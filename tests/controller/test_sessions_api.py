@@ -479,7 +479,11 @@ def test_an_unreviewed_break_glass_session_raises_a_reminder_each_deadline_perio
     assert ctl.tick().reminded == [sid]
     overdue = events_of(ctl, sid, "break_glass.review_overdue")
     assert [e["body"]["severity"] for e in overdue] == ["high", "high"]
+    owed = ctl.client.get(f"{API}/sessions", params={"scope": "all", "unreviewed": "true"}, headers=headers(ctl, w.sam))
+    assert [s["id"] for s in owed.json()] == [sid]  # it stays visible, ended or not, until reviewed
     review(ctl, w.alex, sid)
+    owed = ctl.client.get(f"{API}/sessions", params={"scope": "all", "unreviewed": "true"}, headers=headers(ctl, w.sam))
+    assert owed.json() == []
     ctl.advance(48 * 3600)
     assert ctl.tick().reminded == []
 
