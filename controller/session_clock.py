@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -26,9 +25,10 @@ from .sessions import RECHECK_IGNORES, Sessions
 
 log = logging.getLogger("wicket.controller.clock")
 S = SessionState
-# Every so often each active session is decided again whatever changed: a role taken away or a location
-# rule's network edited leaves no trace the cheaper triggers below would see.
-FULL_RECHECK_S = 15.0
+# Besides the sessions a trigger points at, each tick decides this many more active sessions again, in
+# turn: a role taken away or a location rule's networks edited leave no trace a trigger would see. A
+# batch keeps a tick's cost flat however many sessions are open (docs/benchmarks.md, "Sessions").
+RECHECK_BATCH = 25
 
 
 @dataclass
@@ -45,7 +45,7 @@ class SessionClock:
     def __init__(self, sessions: Sessions, *, warn_before_s: int):
         self.sessions, self.factory, self.auth = sessions, sessions.factory, sessions.auth
         self.warn_before = timedelta(seconds=warn_before_s)
-        self._next_full = 0.0
+        self._recheck_after = ""  # the round of periodic re-decisions goes on after this session ID
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -96,9 +96,6 @@ class SessionClock:
         policy no longer allows the session. Only sessions where something changed are re-decided."""
         policy = self.sessions.policies.active()
         version = policy.version if policy else None
-        full = time.monotonic() >= self._next_full
-        if full:
-            self._next_full = time.monotonic() + FULL_RECHECK_S
         with self.factory() as s:
             rows = s.execute(
                 select(AccessSession.id, AccessSession.state, AccessSession.checked_policy, AccessSession.policy_version,
@@ -107,6 +104,7 @@ class SessionClock:
                 .outerjoin(Device, Device.asset_id == AccessSession.asset_id)
                 .where(AccessSession.state.in_([S.active.value, S.approved.value, S.pending_approval.value]))
             ).all()
+        in_turn = self._next_in_turn([sid for sid, state, *_ in rows if state == S.active.value])
         out = []
         for sid, state, checked, requested_under, disabled, deleted_at, valid_until, lifecycle in rows:
             if disabled or deleted_at is not None:
@@ -115,11 +113,19 @@ class SessionClock:
                 out.append((sid, "account_expired"))
             elif lifecycle != "active":
                 out.append((sid, "device_not_active"))
-            elif state == S.active.value and version and (full or (checked or requested_under) != version):
+            elif state == S.active.value and version and (sid in in_turn or (checked or requested_under) != version):
                 reason = self._recheck(sid, version, now)
                 if reason:
                     out.append((sid, reason))
         return out
+
+    def _next_in_turn(self, active: list[str]) -> set[str]:
+        ids = sorted(active)
+        batch = [sid for sid in ids if sid > self._recheck_after][:RECHECK_BATCH]
+        if len(batch) < RECHECK_BATCH:  # wrap around
+            batch += [sid for sid in ids if sid not in batch][:RECHECK_BATCH - len(batch)]
+        self._recheck_after = batch[-1] if batch and len(batch) < len(ids) else ""
+        return set(batch)
 
     def _recheck(self, sid: str, version: str, now: datetime) -> str | None:
         """Decide an active session again under a new policy; the revocation reason, or None (and the
@@ -132,6 +138,8 @@ class SessionClock:
         failed = [c.name for c in decision.checks if c.result == "fail" and c.name not in RECHECK_IGNORES]
         if decision.outcome == DENY and failed:
             return "policy_change"
+        if row.checked_policy == version:
+            return None
         with transaction(self.factory) as s:
             s.query(AccessSession).filter(AccessSession.id == sid, AccessSession.state == S.active.value).update(
                 {"checked_policy": version}, synchronize_session=False)

@@ -18,11 +18,11 @@ import time
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from nodeagent.wire import DesiredNodeState, FlowSpec, LaneSpec, NodeSettings, ReconcileReport
+from nodeagent.wire import MAX_LANES, DesiredNodeState, FlowSpec, LaneSpec, NodeSettings, ReconcileReport
 
 from .errors import Conflict
 from .models import AccessSession, LaneLease, NodeAgent, SessionState, Site
@@ -41,11 +41,17 @@ def mint_keypair() -> tuple[str, str]:
 
 
 def node_for(s: Session, site: Site) -> str:
-    """The site's agent that carries its lanes: the first registered, by name."""
+    """The site's agent that carries its lanes: the first registered, by name; refused when it already
+    carries as many lanes as one desired state may hold."""
     name = s.scalar(select(NodeAgent.name).where(NodeAgent.site_id == site.id).order_by(NodeAgent.name).limit(1))
     if name is None:
         raise Conflict(f"site {site.name} has no node agent registered: a site admin adds one "
                        f"(`wicket sites agent-add {site.name} NAME`) before lanes can open there")
+    carried = s.scalar(select(func.count()).select_from(AccessSession).where(
+        AccessSession.node == name, AccessSession.state == SessionState.active.value))
+    if carried >= MAX_LANES:
+        raise Conflict(f"node {name} at site {site.name} already carries {carried} lanes, the most one node takes; "
+                       "try again when one ends")
     return name
 
 
@@ -100,14 +106,19 @@ def desired_state(s: Session, node: str) -> DesiredNodeState:
     if agent is None:
         raise LookupError(node)
     site = s.get(Site, agent.site_id)
-    rows = s.scalars(select(AccessSession).where(AccessSession.node == node, AccessSession.state == SessionState.active.value)
+    # only the columns a lane needs: whole rows carry the decision trace and load approvals
+    rows = s.execute(select(AccessSession.id, AccessSession.lane_revision, AccessSession.asset_id,
+                            AccessSession.engineer_public_key, AccessSession.tunnel_address, AccessSession.device_address,
+                            AccessSession.flows, AccessSession.listen_port, AccessSession.end_at)
+                     .where(AccessSession.node == node, AccessSession.state == SessionState.active.value)
                      .order_by(AccessSession.id)).all()
     lanes = [lane_spec(r) for r in rows if r.engineer_public_key and r.tunnel_address and r.listen_port]
     settings = NodeSettings(tunnel_networks=[ipaddress.ip_network(site.tunnel_pool)], endpoint_host=site.public_endpoint)
     return DesiredNodeState(node_id=node, generation=agent.generation, settings=settings, lanes=lanes)
 
 
-def lane_spec(r: AccessSession) -> LaneSpec:
+def lane_spec(r) -> LaneSpec:
+    """`r`: an AccessSession, or a row with its lane columns."""
     flows = [FlowSpec(transport=f["transport"], port=f["port"]) for f in r.flows]
     return LaneSpec(session_id=r.id, revision=r.lane_revision, device_id=r.asset_id, engineer_public_key=r.engineer_public_key,
                     engineer_address=r.tunnel_address, device_address=r.device_address, service=r.flows[0]["protocol"],
@@ -155,6 +166,9 @@ class Pusher:
             except LinkError as exc:
                 failed[node] = str(exc)
                 log.warning("push to node %s failed: %s", node, exc)
+            except Exception as exc:  # one node's bad state must not keep the others from theirs
+                failed[node] = f"could not build the desired state: {exc}"
+                log.exception("push to node %s failed", node)
         return failed
 
     def behind(self) -> list[str]:

@@ -134,3 +134,18 @@ def test_an_account_whose_validity_is_cut_short_loses_its_session_at_the_next_ti
     got = ctl.client.get(f"{API}/sessions/{sid}", headers=ctl.auth(ctl.admin_token())).json()
     assert (got["state"], got["end_reason"]) == ("revoked", "account_expired")
     assert sid not in ctl.nodes.lanes("rtr-north-1")
+
+
+def test_a_role_taken_away_ends_the_session_at_the_next_re_decision(ctl):
+    _site(ctl)
+    erin = ctl.add_user("erin", roles=[("engineer", "north-1")])
+    sid = _post(ctl, erin, "/sessions", {"device": "RTU-17", "task": "iec104-diagnostics", "reason": "WO-1"}, True).json()["id"]
+    ctl.tick()
+    assert sid in ctl.nodes.lanes("rtr-north-1")
+    res = ctl.client.put(f"{API}/users/{erin.user_id}/roles", json={"roles": [{"role": "approver", "site": "north-1"}]},
+                         headers=ctl.step_up_admin())
+    assert res.status_code == 200, res.text
+    ctl.tick()
+    got = ctl.client.get(f"{API}/sessions/{sid}", headers=ctl.auth(ctl.admin_token())).json()
+    assert (got["state"], got["end_reason"]) == ("revoked", "policy_change")
+    assert sid not in ctl.nodes.lanes("rtr-north-1")

@@ -392,8 +392,8 @@ def test_disabling_the_user_ends_their_sessions_at_the_next_tick(ctl):
 def test_a_policy_change_ends_only_the_sessions_it_no_longer_allows(ctl, monkeypatch):
     w = world(ctl)
     sid = request(ctl, w.erin, RTU, DIAG)["id"]
-    monkeypatch.setattr(session_clock, "FULL_RECHECK_S", 3600.0)  # the periodic re-decision of everything: not now
-    ctl.tick()  # (the clock's first turn is one)
+    monkeypatch.setattr(session_clock, "RECHECK_BATCH", 0)  # the periodic re-decisions in turn: not now
+    ctl.tick()
     sessions = ctl.app.state.sessions
     decided = []
     real = sessions._decide_again
