@@ -22,6 +22,18 @@ with a free tunnel pool, a device of a policy type at an existing site with vali
 of such devices, the example policy with a changed limit or an extra destination, an evaluation of an
 existing device and task with a duration of any length). Deletions run last.
 
+The session routes act on a pool (`SessionPool`): the admin is engineer, approver and break_glass at
+north-1, where two devices (kept out of the inventory routes' changes) pair with tasks of the example
+policy. Just before each session operation the pool puts back the example policy and the devices'
+last_seen, closes the admin's active sessions (the policy allows two) and makes what the operation
+consumes (`TOP_UP`): another engineer's requests awaiting approval, the admin's approved and active ones,
+another engineer's break-glass sessions to review; it is made then because the clock moves about half an
+hour per operation. Session ids are steered mostly to those the operation can act on (`USEFUL_SESSIONS`),
+sometimes to any, sometimes left as generated; node names to agents that exist; a device's access
+history half the time to a recent window (from before to); half the bodies are
+plausible (a device with a task the policy pairs it with, or any; durations; the tasks' extension reason
+codes; sometimes the engineer's own WireGuard key).
+
 Bugs this fuzzer found (`KNOWN_BUGS`) stay as regression tests (`test_fuzz_finding`): one minimal request
 each, which must get a client error, not a crash; while a bug is open (`fixed=False`) its test is a strict
 xfail. The fuzz run tolerates only a crash that matches a known bug exactly while its probe reproduces it;
@@ -32,6 +44,7 @@ Deterministic: Hypothesis runs derandomized, with no example database.
 
 from __future__ import annotations
 
+import base64
 import itertools
 import re
 import time
@@ -51,13 +64,17 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.core import NOT_SET
 from schemathesis.errors import FailureGroup
 from schemathesis.specs.openapi.checks import response_schema_conformance, status_code_conformance
-from sqlalchemy import select
+from sqlalchemy import event, select, update
 
+from controller.auth import Principal
+from controller.db import transaction
 from controller.identifiers import eid_check, luhn_digit
-from controller.models import Device, NodeAgent, PolicyVersion, RoleGrant, Site
+from controller.models import AccessSession, Device, NodeAgent, PolicyVersion, RoleGrant, Site, User
 from controller.policy.durations import parse_duration
+from controller.sessions import OPEN
 
 from .conftest import Harness, example_policy_files
+from .helpers import iso
 
 CHECKS = [not_a_server_error, status_code_conformance, response_schema_conformance]
 STEP_UP_HEADER = "X-Wicket-TOTP"
@@ -155,6 +172,10 @@ def _not_yaml_printable(case, _dialect: str) -> bool:
     return any(re.search("[\x80-\x84\x86-\x9f\ud800-\udfff\ufffe\uffff]", s) for s in _request_strings(case))
 
 
+def _any_request(_case, _dialect: str) -> bool:
+    return True  # what triggers it is the state (whose session, in which state), not the request; `error` tells
+
+
 def _no_crash(res) -> bool:
     return res.status_code < 500
 
@@ -232,6 +253,44 @@ def _probe_policy_c1(ctl, client, _dialect):
     return client.post("/api/v1/policy/check", json={"files": files}, headers=ctl.auth(ctl.admin_token()))
 
 
+def quick_lock_timeout(ctl: Harness) -> None:
+    """On SQLite, give up on a write lock after 0.2 s, not the controller's 30. Here requests come one at a
+    time and no session clock runs, so a lock is only waited for when a request waits on itself (as in
+    KNOWN_BUGS "refusal-under-sqlite-write-lock"): 30 s each would run the fuzz run into pytest's timeout
+    rather than into a finding."""
+    engine = ctl.app.state.engine
+    if engine.dialect.name == "sqlite" and not event.contains(engine, "checkout", _short_busy_timeout):
+        event.listen(engine, "checkout", _short_busy_timeout)
+
+
+def _short_busy_timeout(dbapi_connection, _record, _proxy) -> None:
+    dbapi_connection.execute("PRAGMA busy_timeout=200")
+
+
+def _probe_self_approval(ctl, client, _dialect):
+    """The admin, also engineer and approver at a site, approves its own request (a task with one approver)."""
+    quick_lock_timeout(ctl)
+    if ctl.app.state.policies.active() is None:
+        ctl.apply_policy()
+    site, asset = f"probe-{int(ctl.t)}", f"PROBE-{int(ctl.t)}"
+    ctl.add_site(site)
+    ctl.add_device(asset, site, device_type="der-gateway", last_seen=iso(ctl.t))
+
+    def roles(*grants):
+        body = {"roles": [{"role": "admin", "site": None}, *({"role": r, "site": site} for r in grants)]}
+        res = ctl.client.put(f"/api/v1/users/{ctl.admin.user_id}/roles", json=body, headers=ctl.step_up_admin())
+        assert res.status_code == 200, res.text
+
+    roles("engineer", "approver")
+    try:
+        res = client.post("/api/v1/sessions", json={"device": asset, "task": "der-commissioning", "reason": "probe"},
+                          headers=ctl.step_up_admin())
+        assert res.status_code == 201 and res.json()["state"] == "pending_approval", res.text
+        return client.post(f"/api/v1/sessions/{res.json()['id']}/approve", json={"reason": "my own"}, headers=ctl.step_up_admin())
+    finally:
+        roles()
+
+
 JSON_BODY_ROUTES = ("POST /api/v1/auth/login", "POST /api/v1/auth/password", "POST /api/v1/users",
                     "PUT /api/v1/users/{user_id}/roles", "PUT /api/v1/users/{user_id}/password",
                     "POST /api/v1/sites", "PATCH /api/v1/sites/{name}", "POST /api/v1/sites/{name}/agents",
@@ -305,6 +364,14 @@ KNOWN_BUGS: dict[str, KnownBug] = {
         "the text) → 500, not 422 policy_invalid; check and diff are open to any logged-in user",
         ("sqlite", "postgresql"), POLICY_FILE_ROUTES, r"ReaderError|unacceptable character", _not_yaml_printable,
         _probe_policy_c1),
+    "refusal-under-sqlite-write-lock": KnownBug(
+        "BUG (SQLite): a refused self-approval or self-rejection, self-review or re-decided activation (POST "
+        "/sessions/{sid}/approve, /reject, /review, /activate) answered 500 \"database is locked\" after the 30-s busy "
+        "timeout, not 403: Sessions._refuse recorded its event in a second transaction while _lock's UPDATE in the "
+        "first held the write lock (test_sessions_api REFUSAL_LOCK_BUG)",
+        ("sqlite",), ("POST /api/v1/sessions/{sid}/approve", "POST /api/v1/sessions/{sid}/reject",
+                      "POST /api/v1/sessions/{sid}/review", "POST /api/v1/sessions/{sid}/activate"),
+        r"database is locked", _any_request, _probe_self_approval),
 }
 
 
@@ -353,6 +420,7 @@ class Run:
     tolerated: Counter = field(default_factory=Counter)
     statuses: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))
     counter: itertools.count = field(default_factory=lambda: itertools.count(1))
+    pool: SessionPool | None = None
 
     @property
     def admin(self):
@@ -381,6 +449,7 @@ class Run:
             self.steer_user_id(case, data, label)
         if positive:
             self.steer_inventory_path(case, data, label)
+            self.steer_session_request(case, data, label)
         if STEP_UP_HEADER in case.operation.headers:
             choice = data.draw(st.sampled_from(["fresh", "fresh", "fresh", "absent", "generated"]), label="step-up")
             headers = dict(case.headers or {})
@@ -467,6 +536,8 @@ class Run:
             query = select(Device.asset_id).order_by(Device.asset_id)
             if label.startswith("DELETE"):
                 query = query.where(Device.lifecycle == "decommissioned")
+            if not label.startswith("GET"):  # the session routes need these as they are
+                query = query.where(Device.asset_id.not_in(SESSION_DEVICES))
             params["asset_id"] = self.pick(data, self.rows(query), "device") or params["asset_id"]
         if label.startswith("GET /api/v1/tasks/"):
             policy = self.ctl.app.state.policies.active()
@@ -478,6 +549,8 @@ class Run:
                                     ~Site.name.in_(select(RoleGrant.site).where(RoleGrant.site.is_not(None))))
             elif "agent" in params:
                 query = query.where(Site.id.in_(select(NodeAgent.site_id)))
+            elif label == "POST /api/v1/sites/{name}/agents":
+                query = query.where(Site.name.not_in(SPARE_SITES))
             params["name"] = self.pick(data, self.rows(query), "site") or params["name"]
             if "agent" in params:
                 agents = self.rows(select(NodeAgent.name).join(Site).where(Site.name == params["name"]).order_by(NodeAgent.name))
@@ -488,6 +561,39 @@ class Run:
 
     def site_names(self) -> list[str]:
         return self.rows(select(Site.name).order_by(Site.name))
+
+    # ---- steering towards the sessions that exist, in the state the operation acts on ----
+
+    def steer_session_request(self, case, data, label: str) -> None:
+        params = dict(case.path_parameters or {})
+        if "sid" in params:
+            useful = USEFUL_SESSIONS.get(label)
+            # 0-3: one the operation can act on (Hypothesis favours small draws), 4: any, 5: as generated
+            which = data.draw(st.integers(0, 5), label="which session")
+            if which == 4 or (which < 4 and useful is None):
+                params["sid"] = self.pick_session(data, None) or params["sid"]
+            elif which < 4:  # (once the useful ones are used up: any, for the refusals of a second download, say)
+                now = datetime.fromtimestamp(self.ctl.t, UTC)
+                params["sid"] = (self.pick_session(data, useful(self.admin.user_id, now)) or self.pick_session(data, None)
+                                 or params["sid"])
+        if "node" in params:
+            params["node"] = self.pick(data, self.rows(select(NodeAgent.name).order_by(NodeAgent.name)), "node") or params["node"]
+        case.path_parameters = params
+        if label == "GET /api/v1/devices/{asset_id}/access" and data.draw(st.booleans(), label="recent window"):
+            start = datetime.fromtimestamp(self.ctl.t, UTC) - timedelta(minutes=data.draw(st.integers(0, 3000), label="from"))
+            end = start + timedelta(minutes=data.draw(st.integers(1, 3000), label="length"))
+            case.query = {**(case.query or {}), "from": iso(start), "to": iso(end)}
+
+    def pick_session(self, data, where) -> str | None:
+        # Newest first: Hypothesis favours small draws, and the pool's latest sessions are the ones made for this
+        # operation. (Ids are random: sessions made at the same instant are told apart by their reason, which is not.)
+        query = select(AccessSession.id).order_by(AccessSession.requested_at.desc(), AccessSession.reason, AccessSession.id)
+        return self.pick_one(data, self.rows(query if where is None else query.where(*where)), "session")
+
+    @staticmethod
+    def pick_one(data, items: list, label: str):
+        index = data.draw(st.integers(0, 63), label=label)  # a fixed-range draw mapped onto today's list
+        return items[index % len(items)] if items else None
 
     # ---- keeping the run's own login usable ----
 
@@ -560,6 +666,7 @@ def describe(case) -> str:
 # ---- plausible bodies for the inventory and policy routes: valid enough to reach the success paths ----
 
 SITES = ("north-1", "south-2")
+SPARE_SITES = ("spare-0", "spare-1", "spare-2")  # kept empty (no devices, agents or grants) for DELETE /sites to find
 TIME_ZONES = ("UTC", "Europe/Berlin", "America/New_York", "Australia/Lord_Howe")
 # Durations as people write them, and ones of any length (up to what the fields take).
 DURATIONS = st.one_of(st.sampled_from(["15m", "1h30m", "9h", "2d"]),
@@ -594,7 +701,8 @@ def _agent_body(run: Run, body, data) -> dict:
 def _device_fields(run: Run, data) -> dict:
     n = _n(run)
     policy = run.ctl.app.state.policies.active()
-    out = {"asset_id": f"FZ-{n}", "site": data.draw(st.sampled_from(run.site_names()), label="device site"),
+    sites = [name for name in run.site_names() if name not in SPARE_SITES]
+    out = {"asset_id": f"FZ-{n}", "site": data.draw(st.sampled_from(sites), label="device site"),
            "device_type": data.draw(st.sampled_from(sorted(policy.document.device_types)), label="device type"),
            "addresses": [f"10.20.{n // 250 % 250}.{n % 250 + 1}"]}
     if data.draw(st.booleans(), label="sim"):
@@ -652,6 +760,64 @@ def _evaluation(run: Run, body, data) -> dict:
             "user": data.draw(st.sampled_from([None, "pool.eng", "pool.ctr", "nobody"]), label="user")}
 
 
+# Sessions: the fuzzing admin is engineer, approver and break_glass at SESSION_SITE, where two devices
+# the inventory routes leave alone pair with tasks of the example policy (SESSION_TASKS).
+SESSION_SITE = SITES[0]
+SESSION_DEVICES = {"SES-RTU": ("substation-rtu", "10.20.250.1"), "SES-DER": ("der-gateway", "10.20.250.2")}
+SESSION_TASKS = (("SES-RTU", "iec104-diagnostics"),  # no approval: opens at once (or stays approved, activate=false)
+                 ("SES-DER", "der-commissioning"),  # one approver
+                 ("SES-RTU", "rtu-config-change"))  # two approvers, a change window, a source network
+SESSION_DURATIONS = st.one_of(st.none(), st.sampled_from(["10m", "30m", "45m", "1h", "3h"]))
+
+
+def _own_key(data) -> str | None:
+    """Sometimes the engineer's own WireGuard public key (any 32 bytes), else None: the controller mints one."""
+    if not data.draw(st.booleans(), label="own key"):
+        return None
+    return base64.b64encode(data.draw(st.binary(min_size=32, max_size=32), label="key")).decode()
+
+
+def _session_target(run: Run, data) -> tuple[str, str]:
+    if data.draw(st.integers(0, 3), label="usual task") > 0:
+        return data.draw(st.sampled_from(SESSION_TASKS), label="device and task")
+    policy = run.ctl.app.state.policies.active()
+    devices = run.rows(select(Device.asset_id).order_by(Device.asset_id))
+    return (data.draw(st.sampled_from(devices), label="device"),
+            data.draw(st.sampled_from(sorted(policy.document.tasks)), label="task"))
+
+
+def _text(body, key: str, fallback: str) -> str:
+    value = body.get(key) if isinstance(body, dict) else None
+    return value if isinstance(value, str) else fallback
+
+
+def _session_body(run: Run, body, data) -> dict:
+    device, task = _session_target(run, data)
+    return {"device": device, "task": task, "duration": data.draw(SESSION_DURATIONS, label="duration"),
+            "reason": _text(body, "reason", f"work order {_n(run)}"), "public_key": _own_key(data),
+            "activate": data.draw(st.booleans(), label="activate")}
+
+
+def _break_glass_body(run: Run, body, data) -> dict:
+    usual = data.draw(st.integers(0, 3), label="usual break-glass task") > 0
+    device, task = SESSION_TASKS[0] if usual else _session_target(run, data)
+    return {"device": device, "task": task, "duration": data.draw(SESSION_DURATIONS, label="duration"),
+            "reason": _text(body, "reason", f"feeder trip {_n(run)}"), "incident": f"INC-{_n(run)}",
+            "public_key": _own_key(data)}
+
+
+def _activation(run: Run, body, data) -> dict:
+    return {"public_key": _own_key(data)}
+
+
+def _extension(run: Run, body, data) -> dict:
+    policy = run.ctl.app.state.policies.active()
+    codes = sorted({code for task in policy.document.tasks.values() if task.extensions for code in task.extensions.reason_codes})
+    return {"by": data.draw(st.sampled_from(["5m", "10m", "15m", "30m", "1h"]), label="by"),
+            "reason_code": data.draw(st.sampled_from([*codes, "coffee-break"]), label="reason code"),
+            "note": _text(body, "note", "")}
+
+
 PLAUSIBLE: dict[str, Callable] = {  # label → (run, generated body, data) → body
     "POST /api/v1/sites": _site_body,
     "PATCH /api/v1/sites/{name}": _site_change,
@@ -663,17 +829,23 @@ PLAUSIBLE: dict[str, Callable] = {  # label → (run, generated body, data) → 
     "POST /api/v1/policy/diff": _policy_files,
     "POST /api/v1/policy/apply": _policy_change,
     "POST /api/v1/policy/evaluate": _evaluation,
+    "POST /api/v1/sessions": _session_body,
+    "POST /api/v1/break-glass": _break_glass_body,
+    "POST /api/v1/sessions/{sid}/activate": _activation,
+    "POST /api/v1/sessions/{sid}/extend": _extension,
 }
 
 
 def provision(ctl: Harness) -> None:
     """The policy, two sites with devices (some decommissioned, to delete) and agents, spare empty sites
-    (to delete), and accounts for the fuzzer to aim at (it creates more; it may disable and delete any of them)."""
-    ctl.apply_policy()
+    (to delete), and accounts for the fuzzer to aim at (it creates more; it may disable and delete any of them);
+    for the sessions, two devices at SESSION_SITE and the admin's grants there (ADMIN_ROLES)."""
+    if ctl.app.state.policies.active() is None:  # (a known bug's probe may have applied it)
+        ctl.apply_policy()
     ctl.add_site(SITES[0], tunnel_pool="100.100.1.0/24")
     ctl.add_site(SITES[1], tunnel_pool="100.100.2.0/24", lan_networks=["10.20.0.0/16"], change_windows=["weeknights"])
-    for n in range(3):
-        ctl.add_site(f"spare-{n}", tunnel_pool=f"100.100.{10 + n}.0/24")
+    for n, name in enumerate(SPARE_SITES):
+        ctl.add_site(name, tunnel_pool=f"100.100.{10 + n}.0/24")
     for n, site in enumerate(SITES * 2):
         ctl.add_device(f"RTU-{n}", site)
         ctl.add_device(f"OLD-{n}", site, device_type="meter-concentrator", lifecycle="decommissioned")
@@ -687,23 +859,149 @@ def provision(ctl: Harness) -> None:
     ctl.add_user("pool.ctr", roles=[("contractor", "north-1")], kind="contractor", sponsor="pool.eng", valid_until=until)
     for n in range(3):
         ctl.add_user(f"pool.e{n}", roles=[("engineer", "north-1")], enrol=n == 0)
+    for asset_id, (device_type, address) in SESSION_DEVICES.items():
+        ctl.add_device(asset_id, SESSION_SITE, device_type=device_type, addresses=[address])
+    res = ctl.client.put(f"/api/v1/users/{ctl.admin.user_id}/roles", json={"roles": [{"role": r, "site": s} for r, s in ADMIN_ROLES]},
+                         headers=ctl.step_up_admin())
+    assert res.status_code == 200, res.text
+    ctl.admin.roles = list(ADMIN_ROLES)
+
+
+# ---- sessions in the states the session routes act on ----
+
+S = AccessSession
+# label → (the admin's user id, now) → what makes a session one the operation can act on (the steering's usual pick)
+USEFUL_SESSIONS: dict[str, Callable] = {
+    "POST /api/v1/sessions/{sid}/approve": lambda me, now: (S.state == "pending_approval", S.user_id != me),
+    "POST /api/v1/sessions/{sid}/reject": lambda me, now: (S.state == "pending_approval", S.user_id != me),
+    "POST /api/v1/sessions/{sid}/activate": lambda me, now: (S.state == "approved", S.user_id == me, S.expires_at > now),
+    "GET /api/v1/sessions/{sid}/config": lambda me, now: (S.state == "active", S.user_id == me, S.end_at > now,
+                                                          S.config_downloaded_at.is_(None)),
+    "POST /api/v1/sessions/{sid}/extend": lambda me, now: (S.state == "active", S.user_id == me, S.end_at > now,
+                                                           S.break_glass.is_(False)),
+    "POST /api/v1/sessions/{sid}/close": lambda me, now: (S.state.in_(OPEN), S.user_id == me),
+    "POST /api/v1/sessions/{sid}/revoke": lambda me, now: (S.state.in_(OPEN),),
+    "POST /api/v1/sessions/{sid}/review": lambda me, now: (S.break_glass.is_(True), S.reviewed_at.is_(None), S.user_id != me,
+                                                           S.state != "denied"),
+}
+# label → the sessions made just before the operation runs: a few more than its requests use up
+TOP_UP: dict[str, tuple[tuple[str, int], ...]] = {
+    "POST /api/v1/sessions": (),
+    "POST /api/v1/break-glass": (),
+    "GET /api/v1/sessions/{sid}": (("pending", 1), ("active", 1)),
+    "POST /api/v1/sessions/{sid}/approve": (("pending", 6),),
+    "POST /api/v1/sessions/{sid}/reject": (("pending", 6),),
+    "POST /api/v1/sessions/{sid}/activate": (("approved", 4),),
+    "GET /api/v1/sessions/{sid}/config": (("active", 2),),
+    "POST /api/v1/sessions/{sid}/extend": (("active", 2),),
+    "POST /api/v1/sessions/{sid}/close": (("approved", 2), ("own pending", 2), ("active", 2)),  # (a request at the limit is denied)
+    "POST /api/v1/sessions/{sid}/revoke": (("pending", 3), ("approved", 2)),
+    "POST /api/v1/sessions/{sid}/review": (("break-glass", 4),),
+    "GET /api/v1/devices/{asset_id}/access": (("active", 1),),
+}
+ADMIN_ROLES = (("admin", None), ("approver", SESSION_SITE), ("break_glass", SESSION_SITE), ("engineer", SESSION_SITE))
+REQUESTER_ROLES = (("break_glass", SESSION_SITE), ("engineer", SESSION_SITE))
+
+
+class SessionPool:
+    """Sessions for the session routes to act on, made through the service (no TOTP code spent) just before
+    the operation that uses them: the run's clock moves about half an hour per operation, so an approval or
+    a lane made at the start would have lapsed long before. Requests awaiting approval and break-glass
+    sessions to review belong to another engineer (made when first needed, and again should the fuzzer
+    have disabled, deleted or regranted it); approved and active ones to the admin, whose active ones are
+    closed first (the example policy allows two at a time)."""
+
+    def __init__(self, ctl: Harness):
+        self.ctl = ctl
+        self.service = ctl.app.state.sessions
+        self.factory = ctl.app.state.auth.factory
+        self.example = ctl.app.state.policies.check(example_policy_files()).version
+        self.requester: int | None = None
+        self.counter = itertools.count(1)
+
+    def top_up(self, label: str) -> None:
+        wanted = TOP_UP.get(label)
+        if wanted is None:
+            return
+        self.restore()
+        admin = self.principal(self.ctl.admin.user_id)
+        with self.factory() as s:
+            active = list(s.scalars(select(S.id).where(S.user_id == admin.user_id, S.state == "active")))
+        for sid in active:
+            self.service.close(admin, sid, "making room", None)
+        for kind, count in wanted:
+            for _ in range(count):
+                self.make(kind, admin)
+
+    def restore(self) -> None:
+        """Undo what the inventory and policy routes did to the world the sessions need."""
+        if self.ctl.app.state.policies.require_active().version != self.example:
+            self.ctl.apply_policy()
+        now = datetime.fromtimestamp(self.ctl.t, UTC)
+        with transaction(self.factory) as s:
+            site = s.scalar(select(Site.id).where(Site.name == SESSION_SITE))
+            s.execute(update(Device).where(Device.asset_id.in_(SESSION_DEVICES)).values(lifecycle="active"))
+            s.execute(update(Device).where(Device.site_id == site).values(last_seen=now))
+
+    def make(self, kind: str, admin: Principal) -> None:
+        n = next(self.counter)
+        if kind in ("pending", "own pending"):
+            caller = admin if kind == "own pending" else self.principal(self.other_engineer())
+            row = self.service.request(caller, asset_id="SES-DER", task="der-commissioning", duration=None, reason=f"commissioning {n}",
+                                       public_key=None, source=None).session
+            expected = "pending_approval"
+        elif kind == "break-glass":
+            other = self.principal(self.other_engineer())
+            row = self.service.break_glass(other, asset_id="SES-RTU", task="iec104-diagnostics", duration=None,
+                                           reason=f"feeder trip {n}", incident=f"INC-P{n}", public_key=None, source=None)
+            row = self.service.close(other, row.id, "done", None)  # reviewable, and not counted as open
+            expected = "closed"
+        else:
+            row = self.service.request(admin, asset_id="SES-RTU", task="iec104-diagnostics", duration=timedelta(hours=1),
+                                       reason=f"diagnostics {n}", public_key=None, source=None, activate=kind == "active").session
+            expected = kind
+        assert row.state == expected, (kind, row.state, row.decision)
+
+    def principal(self, user_id: int) -> Principal:
+        with self.factory() as s:
+            user = s.get(User, user_id)
+            return Principal(user_id=user.id, username=user.username, kind=user.kind,
+                             roles=tuple(sorted((g.role, g.site) for g in user.grants)), token_hash="", token_kind="fuzz",
+                             expires_at=datetime.fromtimestamp(self.ctl.t, UTC) + timedelta(hours=1))
+
+    def other_engineer(self) -> int:
+        if self.requester is not None:
+            with self.factory() as s:
+                user = s.get(User, self.requester)
+                usable = user is not None and not user.disabled and user.deleted_at is None
+            if usable and self.grants(self.requester) == set(REQUESTER_ROLES):
+                return self.requester
+        self.requester = self.ctl.add_user(f"pool.req{next(self.counter)}", roles=REQUESTER_ROLES, enrol=False).user_id
+        return self.requester
+
+    def grants(self, user_id: int) -> set[tuple[str, str | None]]:
+        with self.factory() as s:
+            return {(g.role, g.site) for g in s.scalars(select(RoleGrant).where(RoleGrant.user_id == user_id))}
 
 
 @pytest.mark.parametrize("mode", ["admin", "anonymous"])
 def test_fuzz_the_api_from_its_schema(ctl, mode):
     started = time.monotonic()
+    quick_lock_timeout(ctl)
     schema = schemathesis.openapi.from_asgi("/openapi.json", ctl.app)
     # deletions last: the operations before them find the accounts, sites, agents and devices to work on
     ops = sorted((result.ok() for result in schema.get_all_operations()), key=lambda op: op.method.upper() == "DELETE")
     assert len(ops) >= 43, [op.label for op in ops]
     tolerate = {name: bug for name, bug in KNOWN_BUGS.items() if bug.reproduces(ctl)}
+    run = Run(ctl, mode, tolerate)
     if mode == "admin":
         provision(ctl)
-    run = Run(ctl, mode, tolerate)
+        run.pool = SessionPool(ctl)
     valid, broken = EXAMPLES[mode]
     for operation in ops:
         ctl.advance(ctl.settings.throttle.window_s + 1)  # no hold-off carried over from the last operation
         if mode == "admin":
+            run.pool.top_up(operation.label)
             run.login()
         run.fuzz(operation, GenerationMode.POSITIVE, valid)
         run.fuzz(operation, GenerationMode.NEGATIVE, broken)
