@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 # The controller's tests run on SQLite and on this local PostgreSQL (loopback only).
 PG_TEST_URL := postgresql+psycopg://wicket_test:wicket_test@127.0.0.1:5432/postgres
 
-.PHONY: setup system venv pg demo test test-fast lint bench bench-lanes bench-policy sweep clean
+.PHONY: setup system venv pg demo test test-fast lint bench bench-lanes bench-policy bench-sessions sweep clean
 
 setup: system venv
 
@@ -57,7 +57,7 @@ lint: venv
 	$(VENV)/bin/ruff check nodeagent controller tests bench
 
 # Each benchmark writes its own section of docs/benchmarks.md (and its raw numbers to docs/bench/).
-bench: bench-lanes bench-policy
+bench: bench-lanes bench-policy bench-sessions
 
 bench-lanes: setup
 	$(PY) -m bench.lanes $(BENCH_ARGS)
@@ -65,6 +65,11 @@ bench-lanes: setup
 # Inventory import and policy evaluation, on SQLite and on the local PostgreSQL; about three minutes.
 bench-policy: setup pg
 	WICKET_TEST_POSTGRES_URL=$(PG_TEST_URL) $(PY) -m bench.policy $(BENCH_POLICY_ARGS)
+
+# The controller's session path (activation with 0 / 1 000 / 4 000 lanes on the node, clock ticks, config
+# download, approval), on SQLite and on the local PostgreSQL; under four minutes.
+bench-sessions: setup pg
+	WICKET_TEST_POSTGRES_URL=$(PG_TEST_URL) $(PY) -m bench.sessions $(BENCH_SESSIONS_ARGS)
 
 sweep: venv
 	$(PY) -m tests.lab sweep

@@ -29,6 +29,9 @@ S = SessionState
 # turn: a role taken away or a location rule's networks edited leave no trace a trigger would see. A
 # batch keeps a tick's cost flat however many sessions are open (docs/benchmarks.md, "Sessions").
 RECHECK_BATCH = 25
+# After a policy change, at most this many sessions are decided again per tick, so that expiries and
+# pushes keep their one-second rhythm while thousands of sessions are re-decided (~1 s at 4 ms each).
+CHANGE_BATCH = 250
 
 
 @dataclass
@@ -105,7 +108,7 @@ class SessionClock:
                 .where(AccessSession.state.in_([S.active.value, S.approved.value, S.pending_approval.value]))
             ).all()
         in_turn = self._next_in_turn([sid for sid, state, *_ in rows if state == S.active.value])
-        out = []
+        out, changed_budget = [], CHANGE_BATCH
         for sid, state, checked, requested_under, disabled, deleted_at, valid_until, lifecycle in rows:
             if disabled or deleted_at is not None:
                 out.append((sid, "user_disabled"))
@@ -113,7 +116,10 @@ class SessionClock:
                 out.append((sid, "account_expired"))
             elif lifecycle != "active":
                 out.append((sid, "device_not_active"))
-            elif state == S.active.value and version and (sid in in_turn or (checked or requested_under) != version):
+            elif state == S.active.value and version and (sid in in_turn or (
+                    (checked or requested_under) != version and changed_budget > 0)):
+                if sid not in in_turn:
+                    changed_budget -= 1
                 reason = self._recheck(sid, version, now)
                 if reason:
                     out.append((sid, reason))
