@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from pydantic import ValidationError
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from . import events
@@ -28,7 +28,7 @@ from .inventory_schemas import (
     SitePublic,
     SiteUpdate,
 )
-from .models import AccessSession, Device, NodeAgent, RoleGrant, Site
+from .models import AccessSession, Device, LaneLease, NodeAgent, RoleGrant, Site
 from .policy import Policy
 from .policy_store import PolicyStore
 
@@ -98,8 +98,16 @@ class Inventory:
                 if outside:
                     raise Conflict(f"devices would lie outside the site's networks: {', '.join(outside[:5])}")
             diff = {k: v for k, v in changes.items() if getattr(site, k) != v}
+            if "tunnel_pool" in diff:
+                holding = s.scalars(select(LaneLease.session_id).where(LaneLease.site_id == site.id).limit(5)).all()
+                if holding:
+                    raise Conflict(f"sessions hold tunnel addresses from the current pool ({', '.join(holding)}): "
+                                   "the pool can change once they end")
             for k, v in diff.items():
                 setattr(site, k, v)
+            if diff.keys() & {"tunnel_pool", "public_endpoint"}:
+                # both are in the nodes' desired state: a new generation carries them there
+                s.execute(update(NodeAgent).where(NodeAgent.site_id == site.id).values(generation=NodeAgent.generation + 1))
             if diff:
                 site.revision += 1
                 site.updated_at = now

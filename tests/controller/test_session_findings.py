@@ -149,3 +149,18 @@ def test_a_role_taken_away_ends_the_session_at_the_next_re_decision(ctl):
     got = ctl.client.get(f"{API}/sessions/{sid}", headers=ctl.auth(ctl.admin_token())).json()
     assert (got["state"], got["end_reason"]) == ("revoked", "policy_change")
     assert sid not in ctl.nodes.lanes("rtr-north-1")
+
+
+def test_a_site_pool_in_use_cannot_change_and_a_new_endpoint_reaches_the_node(ctl):
+    _site(ctl)
+    erin = ctl.add_user("erin", roles=[("engineer", "north-1")])
+    sid = _post(ctl, erin, "/sessions", {"device": "RTU-17", "task": "iec104-diagnostics", "reason": "WO-1"}, True).json()["id"]
+    before = ctl.nodes.desired["rtr-north-1"].generation
+    res = ctl.client.patch(f"{API}/sites/north-1", json={"tunnel_pool": "100.66.0.0/24"}, headers=ctl.step_up_admin())
+    assert res.status_code == 409 and sid in res.json()["detail"], res.text
+    res = ctl.client.patch(f"{API}/sites/north-1", json={"public_endpoint": "198.51.100.9"}, headers=ctl.step_up_admin())
+    assert res.status_code == 200, res.text
+    ctl.tick()
+    pushed = ctl.nodes.desired["rtr-north-1"]
+    assert pushed.generation > before and pushed.settings.endpoint_host == "198.51.100.9"
+    assert [lane.session_id for lane in pushed.lanes] == [sid]
