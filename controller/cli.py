@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import getpass
 import json
-import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -58,6 +57,7 @@ from .cli_common import (
     print_json,
     read_config,
     read_token,
+    replace_private,
     state_dir,
     step_up,
     table,
@@ -416,17 +416,8 @@ def _write_config(state: Path, cfg: Config) -> None:
 
 
 def _write_private(path: Path, text: str) -> None:
-    """Owner-only, replaced atomically: a crash leaves the old file or the new one, never half of one."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    replace_private(path, text.encode())
 
 
 def _os_user() -> str | None:

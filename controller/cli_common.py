@@ -257,3 +257,16 @@ def when(iso: str | None, *, seconds: bool = False) -> str:
 
 def listed(values: list | None) -> str:
     return ", ".join(str(v) for v in values) if values else "-"
+
+
+def replace_private(path: Path, data: bytes) -> None:
+    """Write an owner-only file, replaced atomically: a crash leaves the old file or the new one, never half."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -36,6 +36,7 @@ from .cli_common import (
     listed,
     pairs,
     print_json,
+    replace_private,
     segment,
     step_up,
     table,
@@ -659,17 +660,9 @@ def _write_private(path: Path, data: bytes, force: bool) -> None:
 
 def _write_0600(path: Path, data: bytes, force: bool) -> None:
     """Owner-only. Without --force an existing file is never replaced, even one made a moment ago."""
-    if not force:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+    if force:
+        replace_private(path, data)
         return
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
