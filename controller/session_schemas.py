@@ -17,7 +17,6 @@ from .schemas import PRINTABLE
 TaskName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,47}$")]
 Reason = Annotated[str, Field(min_length=3, max_length=500, pattern=PRINTABLE)]
 DurationText = Annotated[str, Field(max_length=32), AfterValidator(lambda v: format_duration(parse_duration(v)))]
-SessionIdText = Annotated[str, Field(pattern=r"^s-[a-z2-9]{12}$")]
 
 
 class _In(BaseModel):

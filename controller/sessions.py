@@ -37,7 +37,6 @@ from .wgconf import EngineerConfig, render
 
 S = SessionState
 OPEN = (S.pending_approval.value, S.approved.value, S.active.value)
-ENDED = (S.denied.value, S.rejected.value, S.closed.value, S.expired.value, S.revoked.value)
 READERS = ("approver", "soc", "admin", "site_admin")  # may see every session at a site
 REVOKERS = ("approver", "soc", "admin")
 REVIEWERS = ("approver", "soc", "admin")
