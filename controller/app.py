@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from datetime import timedelta
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 
@@ -13,11 +14,15 @@ from . import __version__, errors
 from .api import router
 from .api_inventory import router as inventory_router
 from .api_policy import router as policy_router
+from .api_agents import router as agents_router
 from .api_sessions import router as sessions_router
 from .auth import Auth
 from .db import make_engine, session_factory
 from .decisions import Decisions
 from .inventory import Inventory
+from .agent_ca import AgentCA
+from .agent_link import LinkServer
+from .enrolment import Agents
 from .nodelink import LocalSocketLink, NoLink
 from .policy_store import PolicyStore
 from .security import keys as controller_keys
@@ -34,17 +39,24 @@ log = logging.getLogger("wicket.controller")
 @asynccontextmanager
 async def _lifespan(app: FastAPI):
     """The session clock runs while the service serves (not under a bare TestClient: tests tick by hand)."""
-    tick_ms = app.state.settings.tick_ms
-    if tick_ms:
-        app.state.session_clock.start(tick_ms / 1000)
+    settings = app.state.settings
+    link = app.state.link_server
+    if link is not None and link.loop is None and settings.link_listen:
+        host, _, port = settings.link_listen.rpartition(":")
+        link.start(host.strip("[]"), int(port))
+    if settings.tick_ms:
+        app.state.session_clock.start(settings.tick_ms / 1000)
     try:
         yield
     finally:
         app.state.session_clock.stop()
+        if link is not None:
+            link.stop()
 
 
 def create_app(settings: Settings, *, clock: Callable[[], float] = time.time, engine=None, link=None) -> FastAPI:
-    """`link`: how lanes reach nodes (default: the lab's local agent sockets if configured, else none)."""
+    """`link`: how lanes reach nodes. Default: the agent link (`WICKET_LINK_LISTEN`, started with the service);
+    the lab's local agent sockets instead when `WICKET_AGENT_SOCKETS` is set; else none."""
     keys = controller_keys.load(settings.keys_dir)
     engine = engine or make_engine(settings.database_url)
     factory = session_factory(engine)
@@ -59,13 +71,25 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time, en
     app.state.policies = PolicyStore(auth)
     app.state.inventory = Inventory(auth, app.state.policies)
     app.state.decisions = Decisions(auth, app.state.policies, engine, active_sessions=lambda uid: active_count(factory, uid))
+    ca = AgentCA.load_or_create(settings.keys_dir)
+    app.state.agents = Agents(auth, ca, timedelta(seconds=settings.agent_cert_ttl_s), timedelta(seconds=settings.join_token_ttl_s))
+    app.state.link_server = None
     if link is None:
-        link = LocalSocketLink(settings.agent_sockets) if settings.agent_sockets else NoLink()
         if settings.agent_sockets:
+            link = LocalSocketLink(settings.agent_sockets)
             log.warning("lanes reach agents through local control sockets (%s): a lab transport, not for production",
                         ", ".join(sorted(settings.agent_sockets)))
+        elif settings.link_listen:
+            link = LinkServer(app.state.agents, ca.server_context(list(settings.link_names), settings.keys_dir),
+                              heartbeat_s=settings.link_heartbeat_s, ack_timeout_s=settings.ack_timeout_s)
+        else:
+            link = NoLink()
     pusher = Pusher(factory, link, auth.now)
     app.state.sessions = Sessions(auth, app.state.policies, app.state.decisions, pusher, settings)
+    if isinstance(link, LinkServer):
+        app.state.link_server = link
+        link.on_applied = app.state.sessions.acknowledge
+        link.on_evidence = app.state.sessions.node_ended
     app.state.session_queries = SessionQueries(auth)
     app.state.session_clock = SessionClock(app.state.sessions, warn_before_s=settings.warn_before_s)
     errors.install(app)
@@ -73,6 +97,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time, en
     app.include_router(inventory_router)
     app.include_router(policy_router)
     app.include_router(sessions_router)
+    app.include_router(agents_router)
 
     @app.get("/healthz", tags=["health"], summary="Liveness")
     def healthz() -> dict:

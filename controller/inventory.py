@@ -147,7 +147,7 @@ class Inventory:
             if agent is None:
                 raise NotFound(f"site {site_name} has no agent {name}")
             carrying = s.scalars(select(AccessSession.id).where(AccessSession.node == name,
-                                                                AccessSession.state == "active").limit(5)).all()
+                                                                AccessSession.state.in_(("opening", "active"))).limit(5)).all()
             if carrying:
                 raise Conflict(f"agent {name} carries active sessions ({', '.join(carrying)}): they must end first "
                                "(close or revoke them), or the agent could no longer be told to end them")

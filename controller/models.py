@@ -192,7 +192,7 @@ class Site(Base):
 
 
 class NodeAgent(Base):
-    """An agent (edge router) of a site. Enrolment and the live link come with the agent-link issue."""
+    """An agent (edge router) of a site: registered, enrolled with a join token, linked."""
 
     __tablename__ = "node_agents"
 
@@ -203,6 +203,65 @@ class NodeAgent(Base):
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
     # Bumped in the same transaction as any change to the node's lanes; the agent never applies an older one.
     generation: Mapped[int] = mapped_column(Integer, default=0)
+    # enrolment (a join token redeemed) and the live link, as this controller saw it last
+    enrolled_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    evidence_public_key: Mapped[str | None] = mapped_column(String(64))  # Ed25519, base64: signs its evidence
+    revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    connected: Mapped[bool] = mapped_column(Boolean, default=False)
+    link_replica: Mapped[str | None] = mapped_column(String(64))  # which controller replica holds its link
+    connected_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    last_seen: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    applied_generation: Mapped[int | None] = mapped_column(Integer)
+    agent_version: Mapped[str | None] = mapped_column(String(32))
+    protocol_version: Mapped[int | None] = mapped_column(Integer)
+    clock_synchronized: Mapped[bool | None] = mapped_column(Boolean)
+    last_error: Mapped[str | None] = mapped_column(String(500))
+
+
+class JoinToken(Base):
+    """A one-time token a site admin hands to a router to enrol its agent. Only a hash of the secret is kept."""
+
+    __tablename__ = "join_tokens"
+
+    id: Mapped[str] = mapped_column(String(16), primary_key=True)
+    site_id: Mapped[int] = mapped_column(ForeignKey("sites.id", ondelete="CASCADE"), index=True)
+    secret_hash: Mapped[str] = mapped_column(String(64))
+    created_by: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    used_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    used_by: Mapped[str | None] = mapped_column(String(64))  # the node it enrolled
+    revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    revoked_by: Mapped[str | None] = mapped_column(String(64))
+
+
+class AgentCertificate(Base):
+    """Every client certificate issued to an agent; the link refuses any not listed here or revoked."""
+
+    __tablename__ = "agent_certificates"
+
+    serial: Mapped[str] = mapped_column(String(40), primary_key=True)
+    node: Mapped[str] = mapped_column(String(64), index=True)
+    issued_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    not_after: Mapped[datetime] = mapped_column(UtcDateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+
+class LaneEvidenceRecord(Base):
+    """Evidence an agent delivered over the link, as signed by the agent. Unique per (node, ident): a
+    record sent twice (a receipt lost in a cut) is stored once."""
+
+    __tablename__ = "lane_evidence"
+    __table_args__ = (UniqueConstraint("node", "ident"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    node: Mapped[str] = mapped_column(String(64), index=True)
+    ident: Mapped[str] = mapped_column(String(128))
+    session_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    end_reason: Mapped[str] = mapped_column(String(32))
+    body: Mapped[dict] = mapped_column(JSON)
+    signature: Mapped[str] = mapped_column(String(128))
+    received_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
 
 class Device(Base):
@@ -250,6 +309,7 @@ class SessionState(StrEnum):
     pending_approval = "pending_approval"
     approved = "approved"
     rejected = "rejected"
+    opening = "opening"  # activated; the node has not yet acknowledged the lane
     active = "active"
     closed = "closed"
     expired = "expired"
@@ -301,6 +361,7 @@ class AccessSession(Base):
     listen_port: Mapped[int | None] = mapped_column(Integer)
     flows: Mapped[list] = mapped_column(JSON, default=list)  # [{protocol, transport, port}]
     lane_revision: Mapped[int] = mapped_column(Integer, default=0)
+    opened_generation: Mapped[int | None] = mapped_column(Integer)  # the node generation that first lists the lane
     config_downloaded_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     reviewed_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     reviewed_by: Mapped[str | None] = mapped_column(String(64))

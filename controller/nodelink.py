@@ -22,6 +22,10 @@ class LinkError(Exception):
     """The node could not be reached, or refused the state."""
 
 
+class LinkElsewhere(LinkError):
+    """The node is linked to another controller replica, which pushes to it."""
+
+
 class NodeLink(Protocol):
     def push(self, desired: DesiredNodeState) -> ReconcileReport:
         """Deliver the node's complete desired state; the report of applying it."""

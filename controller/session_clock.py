@@ -42,6 +42,7 @@ class TickReport:
     warned: list[str] = field(default_factory=list)
     reminded: list[str] = field(default_factory=list)
     push_failures: dict[str, str] = field(default_factory=dict)
+    unacknowledged: list[str] = field(default_factory=list)  # openings no node acknowledged: back to approved
 
 
 class SessionClock:
@@ -79,6 +80,7 @@ class SessionClock:
             scrub(self.factory.kw["bind"])
         report.warned = self._warn(now)
         report.reminded = self._remind(now)
+        report.unacknowledged = self.sessions.fail_stale_openings(timedelta(seconds=self.sessions.settings.ack_timeout_s + 5))
         nodes |= set(self.sessions.pusher.behind())
         report.push_failures = self.sessions.pusher.push_quietly(nodes)
         return report

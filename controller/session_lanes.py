@@ -29,6 +29,7 @@ from .models import AccessSession, LaneLease, NodeAgent, SessionState, Site
 from .nodelink import LinkError, NodeLink
 
 log = logging.getLogger("wicket.controller.lanes")
+LANED = (SessionState.opening.value, SessionState.active.value)  # sessions whose lane the node is to hold
 ALLOCATION_TRIES = 8
 
 
@@ -48,7 +49,7 @@ def node_for(s: Session, site: Site) -> str:
         raise Conflict(f"site {site.name} has no node agent registered: a site admin adds one "
                        f"(`wicket sites agent-add {site.name} NAME`) before lanes can open there")
     carried = s.scalar(select(func.count()).select_from(AccessSession).where(
-        AccessSession.node == name, AccessSession.state == SessionState.active.value))
+        AccessSession.node == name, AccessSession.state.in_(LANED)))
     if carried >= MAX_LANES:
         raise Conflict(f"node {name} at site {site.name} already carries {carried} lanes, the most one node takes; "
                        "try again when one ends")
@@ -110,7 +111,7 @@ def desired_state(s: Session, node: str) -> DesiredNodeState:
     rows = s.execute(select(AccessSession.id, AccessSession.lane_revision, AccessSession.asset_id,
                             AccessSession.engineer_public_key, AccessSession.tunnel_address, AccessSession.device_address,
                             AccessSession.flows, AccessSession.listen_port, AccessSession.end_at)
-                     .where(AccessSession.node == node, AccessSession.state == SessionState.active.value)
+                     .where(AccessSession.node == node, AccessSession.state.in_(LANED))
                      .order_by(AccessSession.id)).all()
     lanes = [lane_spec(r) for r in rows if r.engineer_public_key and r.tunnel_address and r.listen_port]
     settings = NodeSettings(tunnel_networks=[ipaddress.ip_network(site.tunnel_pool)], endpoint_host=site.public_endpoint)
@@ -134,6 +135,9 @@ class Pusher:
         self.applied: dict[str, int] = {}
         self._failures: dict[str, tuple[int, float]] = {}  # node → (failures in a row, next try, monotonic)
         self._lock = threading.Lock()  # one push per controller at a time keeps generations in order
+        self.on_applied = lambda node, generation, report, status: None
+        # a link that pushes by itself (the live agent link) is only woken; others are pushed and then asked
+        self.self_pushing = bool(getattr(link, "self_pushing", False))
 
     def push(self, node: str) -> ReconcileReport | None:
         """Hand over the node's newest generation (None: it already has it). Raises LinkError when the node
@@ -153,12 +157,22 @@ class Pusher:
             self.applied[node] = desired.generation
             if report.errors:
                 log.warning("node %s applied generation %s with errors: %s", node, desired.generation, "; ".join(report.errors))
-            return report
+        if not self.self_pushing:
+            try:
+                status = self.link.status(node)
+            except LinkError as exc:
+                log.warning("node %s took generation %s but did not report its state: %s", node, desired.generation, exc)
+            else:
+                self.on_applied(node, desired.generation, report, status)
+        return report
 
     def push_quietly(self, nodes) -> dict[str, str]:
         """Push each node; failures are returned (node → error) and retried by the session clock."""
         failed = {}
         for node in sorted(set(filter(None, nodes))):
+            if self.self_pushing:
+                self.link.wake(node)
+                continue
             try:
                 self.push(node)
             except LookupError:
@@ -174,6 +188,8 @@ class Pusher:
     def behind(self) -> list[str]:
         """Nodes that may lack their newest generation and are due for a try. A node this controller has
         not pushed to since it started is asked what it applied first."""
+        if self.self_pushing:
+            return []  # each live connection watches its node's generation
         with self.factory() as s:
             rows = s.execute(select(NodeAgent.name, NodeAgent.generation)).all()
         now = time.monotonic()

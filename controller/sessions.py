@@ -1,7 +1,7 @@
 """Sessions: request, approval, activation, one-time config, extension, close, revoke, break-glass, review.
 
-  denied | pending_approval ─approve×N→ approved ─activate→ active ─→ closed | expired | revoked
-                            └─reject→ rejected
+  denied | pending_approval ─approve×N→ approved ─activate→ opening ─node acknowledges→ active ─→ closed | expired | revoked
+                            └─reject→ rejected           └─node fails or is silent→ approved
 
 Every change to a session happens in one transaction that first locks its row (an UPDATE, which
 serialises writers on SQLite and PostgreSQL alike), re-reads it, checks the move is still allowed, and
@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import functools
 import secrets
+import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -27,8 +29,8 @@ from .db import scrub, transaction
 from .decisions import Decisions
 from .errors import Conflict, Forbidden, Gone, Invalid, NodeUnavailable, NotFound
 from .inventory import READ_ROLES
-from .models import AccessSession, Device, NodeAgent, SessionApproval, SessionState, Site, User
-from .nodelink import LinkError
+from .models import AccessSession, Device, Event, NodeAgent, SessionApproval, SessionState, Site, User
+from .nodelink import LinkElsewhere, LinkError
 from .policy import DENY, Decision
 from .policy.durations import format_duration
 from .policy_store import PolicyStore
@@ -36,7 +38,8 @@ from .settings import Settings
 from .wgconf import EngineerConfig, render
 
 S = SessionState
-OPEN = (S.pending_approval.value, S.approved.value, S.active.value)
+OPEN = (S.pending_approval.value, S.approved.value, S.opening.value, S.active.value)
+LANED = (S.opening.value, S.active.value)  # states whose lane is in the node's desired state
 READERS = ("approver", "soc", "admin", "site_admin")  # may see every session at a site
 REVOKERS = ("approver", "soc", "admin")
 REVIEWERS = ("approver", "soc", "admin")
@@ -81,6 +84,8 @@ class Sessions:
     def __init__(self, auth: Auth, policies: PolicyStore, decisions: Decisions, pusher: session_lanes.Pusher, settings: Settings):
         self.auth, self.factory, self.policies, self.decisions = auth, auth.factory, policies, decisions
         self.pusher, self.settings = pusher, settings
+        self._acked = threading.Condition()
+        pusher.on_applied = self.acknowledge
 
     # ---- request ----
 
@@ -253,39 +258,114 @@ class Sessions:
             row.lane_revision += 1
             row.checked_policy = decision.policy_version
             # expires_at stays: should the node fail to open the lane, the approval is unspent until then
-            _move(row, S.active, activated_at=now, end_at=now + decision.duration, warned_at=None)
+            _move(row, S.opening, activated_at=now, end_at=now + decision.duration, warned_at=None)
             session_lanes.bump(s, node)
+            row.opened_generation = s.scalar(select(NodeAgent.generation).where(NodeAgent.name == node))
             events.record(s, at=now, category="session", type="session.activate", result="success", actor_id=caller.user_id,
                           actor=caller.username, subject=sid, source=source, state=row.state, node=node,
                           tunnel_address=address, listen_port=port, key_mode=row.key_mode, end_at=_iso(row.end_at),
                           approval="policy" if approved_by_policy else "approvers", **_context(row), **_decision_body(decision))
+        # The session is `opening` until the node acknowledges a generation that holds its lane (`acknowledge`).
+        error = None
         try:
             self.pusher.push(node)
-            lane = next((x for x in self.pusher.link.status(node).lanes if x.session_id == sid), None)
-            if lane is None or not lane.node_public_key:
-                raise LinkError(f"node {node} did not open the lane (it is not among the lanes it reports)")
+        except LinkElsewhere:
+            pass  # another replica holds the node's link and pushes; the acknowledgement reaches the database
         except LinkError as exc:
-            self._undo_activation(caller, sid, node, str(exc), source)
-            raise NodeUnavailable(f"the site's agent could not open the lane: {exc}. The approval still holds until it lapses; "
-                                  "try again, or ask the site admin to check the agent") from None
+            error = str(exc)
+        row = self._await_open(sid) if error is None else None
+        if row is not None and row.state == S.active.value:
+            return row
+        if row is not None and row.state == S.opening.value:
+            error = f"node {node} did not acknowledge the lane within {self.settings.ack_timeout_s:g} s"
+        if error is None:  # the node answered, without the lane: `acknowledge` put it back already
+            error = self._last_activation_error(sid) or f"node {node} did not open the lane"
+        else:
+            self._undo_activation(caller, sid, node, error, source)
+        raise NodeUnavailable(f"the site's agent could not open the lane: {error}. The approval still holds until it lapses; "
+                              "try again, or ask the site admin to check the agent")
+
+    def _await_open(self, sid: str) -> AccessSession:
+        deadline = time.monotonic() + self.settings.ack_timeout_s
+        while True:
+            row = self._get(sid)
+            if row.state != S.opening.value or time.monotonic() >= deadline:
+                return row
+            with self._acked:
+                self._acked.wait(0.05)
+
+    def _last_activation_error(self, sid: str) -> str | None:
+        with self.factory() as s:
+            body = s.scalar(select(Event.body).where(Event.subject == sid, Event.type == "session.activate",
+                                                     Event.result == "failure").order_by(Event.id.desc()).limit(1))
+        return body.get("error") if body else None
+
+    def acknowledge(self, node: str, generation: int, report, status) -> None:
+        """The node applied `generation` and reports `status`: its opening sessions listed there are active now;
+        those it could not open go back to approved, with the node's reason."""
+        now = self.auth.now()
+        observed = {lane.session_id: lane for lane in status.lanes}
+        failed = []
         with transaction(self.factory) as s:
-            s.execute(update(AccessSession).where(AccessSession.id == sid).values(node_public_key=lane.node_public_key))
-        return self._get(sid)
+            sids = s.scalars(select(AccessSession.id).where(
+                AccessSession.node == node, AccessSession.state == S.opening.value,
+                AccessSession.opened_generation <= generation)).all()
+            for row in (self._lock_any(s, sid) for sid in sids):
+                if row.state != S.opening.value:
+                    continue
+                lane = observed.get(row.id)
+                if lane is not None and lane.node_public_key:
+                    _move(row, S.active, node_public_key=lane.node_public_key)
+                    events.record(s, at=now, category="session", type="session.open", result="success", actor=f"agent:{node}",
+                                  subject=row.id, node=node, generation=generation, listen_port=lane.listen_port,
+                                  **_context(row))
+                else:
+                    why = next((e for e in report.errors if row.id in e), None) or \
+                        f"node {node} applied generation {generation} without opening the lane"
+                    failed.append((row.id, why))
+        for sid, why in failed:
+            self._undo_activation(None, sid, node, why, None)
+        with self._acked:
+            self._acked.notify_all()
+
+    def fail_stale_openings(self, older_than: timedelta) -> list[str]:
+        """Openings no node acknowledged in time (the controller restarted mid-activation, say) go back."""
+        now = self.auth.now()
+        with self.factory() as s:
+            rows = s.execute(select(AccessSession.id, AccessSession.node).where(
+                AccessSession.state == S.opening.value, AccessSession.activated_at <= now - older_than)).all()
+        for sid, node in rows:
+            self._undo_activation(None, sid, node, f"node {node} did not acknowledge the lane in time", None)
+        return [sid for sid, _ in rows]
+
+    def node_ended(self, node: str, sid: str, end_reason: str) -> None:
+        """The node reports (in its evidence) that it ended a lane on its own: strict mode after losing the
+        controller, a local close, or a failure. The session ends too, so state converges."""
+        if end_reason not in ("control_lost", "closed", "failed"):
+            return
+        with transaction(self.factory) as s:
+            row = self._lock_any(s, sid)
+            if row is None or row.node != node or row.state not in LANED:
+                return
+            node_to_push = self._end(s, row, S.closed, f"node_{end_reason}", None, None)
+        self.pusher.push_quietly([node_to_push])
 
     def _undo_activation(self, caller, sid: str, node: str, error: str, source) -> None:
         """The node could not open the lane: back to approved, the approval unspent, nothing leased."""
         now = self.auth.now()
         with transaction(self.factory) as s:
-            row = s.get(AccessSession, sid, populate_existing=True)
-            if row.state == S.active.value:
-                session_lanes.release(s, sid)
-                _move(row, S.approved, activated_at=None, end_at=None, sealed_private_key=None, tunnel_address=None,
-                      listen_port=None, expires_at=max(now + timedelta(minutes=5), row.expires_at or now))
-                if row.key_mode == "minted":
-                    row.engineer_public_key, row.key_mode = None, None
-                session_lanes.bump(s, node)
-            events.record(s, at=now, category="session", type="session.activate", result="failure", actor_id=caller.user_id,
-                          actor=caller.username, subject=sid, source=source, reason="lane_failed", error=error[:300],
+            row = self._lock_any(s, sid)
+            if row is None or row.state != S.opening.value:
+                return  # opened, or ended, in the meantime
+            session_lanes.release(s, sid)
+            _move(row, S.approved, activated_at=None, end_at=None, sealed_private_key=None, tunnel_address=None,
+                  listen_port=None, expires_at=max(now + timedelta(minutes=5), row.expires_at or now))
+            if row.key_mode == "minted":
+                row.engineer_public_key, row.key_mode = None, None
+            session_lanes.bump(s, node)
+            events.record(s, at=now, category="session", type="session.activate", result="failure",
+                          actor_id=caller.user_id if caller else None, actor=caller.username if caller else f"agent:{node}",
+                          subject=sid, source=source, reason="lane_failed", error=error[:300],
                           state=row.state, node=node, **_context(row))
         scrub(self.factory.kw["bind"])
         self.pusher.push_quietly([node])
@@ -421,8 +501,8 @@ class Sessions:
         """End an open session in the caller's transaction; the node to push, if it held a lane."""
         now = self.auth.now()
         was = row.state
-        node = row.node if was == S.active.value else None
-        ended_at = min(now, row.end_at) if to == S.expired and row.end_at and was == S.active.value else now
+        node = row.node if was in LANED else None
+        ended_at = min(now, row.end_at) if to == S.expired and row.end_at and was in LANED else now
         _move(row, to, ended_at=ended_at, end_reason=reason, ended_by=caller.username if caller else "system",
               sealed_private_key=None, expires_at=None, extension_request=None)
         if node:
@@ -552,7 +632,7 @@ def active_count(factory, user_id: int) -> int:
 
     with factory() as s:
         return s.scalar(select(func.count()).select_from(AccessSession).where(
-            AccessSession.user_id == user_id, AccessSession.state == S.active.value)) or 0
+            AccessSession.user_id == user_id, AccessSession.state.in_(LANED))) or 0
 
 
 def may_see(caller: Principal, row: AccessSession) -> bool:

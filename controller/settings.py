@@ -51,6 +51,12 @@ class Settings:
     tick_ms: int = 1000  # the session clock's period; 0: no clock thread (tests tick by hand)
     keepalive_s: int = 25  # PersistentKeepalive in engineers' configs (NAT, private APNs)
     agent_sockets: dict[str, str] = field(default_factory=dict)  # LAB ONLY: node → agent control socket
+    link_listen: str = ""  # host:port of the agent link (TLS); "" when this process serves no agents
+    link_names: tuple[str, ...] = ()  # host names / addresses agents dial, put in the link certificate
+    agent_cert_ttl_s: int = 24 * 3600  # agent client certificates; renewed over the link at half their life
+    join_token_ttl_s: int = 3600
+    link_heartbeat_s: int = 10  # pings both ways; a link silent for 3 of these is dropped
+    ack_timeout_s: int = 10  # how long an activation waits for the node to acknowledge the lane
 
     @property
     def keys_dir(self) -> Path:
@@ -92,10 +98,26 @@ def load(env: dict[str, str] | None = None) -> Settings:
         tick_ms=_int(env, "WICKET_SESSION_TICK_MS", 1000, low=0, high=60000),
         keepalive_s=_int(env, "WICKET_KEEPALIVE_S", 25, low=0, high=3600),
         agent_sockets=_sockets(env),
+        link_listen=_listen(env),
+        link_names=tuple(n.strip() for n in env.get("WICKET_LINK_NAMES", "").split(",") if n.strip()),
+        agent_cert_ttl_s=_int(env, "WICKET_AGENT_CERT_TTL_S", 24 * 3600, low=120, high=30 * 86400),
+        join_token_ttl_s=_int(env, "WICKET_JOIN_TOKEN_TTL_S", 3600, low=60, high=7 * 86400),
+        link_heartbeat_s=_int(env, "WICKET_LINK_HEARTBEAT_S", 10, low=1, high=120),
+        ack_timeout_s=_int(env, "WICKET_ACK_TIMEOUT_S", 10, low=1, high=120),
     )
     if settings.token_idle_s > settings.token_max_s:
         raise SettingsError("WICKET_TOKEN_IDLE_S must not exceed WICKET_TOKEN_MAX_S")
     return settings
+
+
+def _listen(env) -> str:
+    raw = env.get("WICKET_LINK_LISTEN", "0.0.0.0:7443").strip()
+    if raw in ("", "off"):
+        return ""
+    host, sep, port = raw.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise SettingsError(f"WICKET_LINK_LISTEN={raw!r}: write HOST:PORT (e.g. 0.0.0.0:7443), or off")
+    return raw
 
 
 def _sockets(env) -> dict[str, str]:

@@ -50,6 +50,9 @@ class Agent:
         self.backend_reason = ""
         self.listener: DestroyListener | None = None
         self.lanes: LaneManager | None = None
+        self.link = None  # a LinkClient once enrolled (`cli._run` starts it)
+        self.clock_check = clock_synchronized  # () -> (synchronised, why); replaceable in tests
+        self._strict_fired = False
         self._next_resync = self._next_stats = self._next_heartbeat = 0.0
 
     # ---- start / stop ----
@@ -146,9 +149,11 @@ class Agent:
 
     def reconcile(self) -> ReconcileReport:
         generation = self.desired.generation if self.desired else 0
-        wants = self._wants()
+        wants, refused = self._wants()
         closed = set(self.state.closed())
         report = self.lanes.reconcile(wants, closed, generation)
+        if refused:
+            report = report.model_copy(update={"errors": [*report.errors, *refused]})
         if report.changes or report.errors:
             self.last_report = report
         return report
@@ -178,7 +183,7 @@ class Agent:
                     ) if st else None,
                 )
             )
-        synced, _why = clock_synchronized()
+        synced, why = self.clock_check()
         return AgentStatus(
             node_id=self.cfg.node_id,
             agent_version=__version__,
@@ -188,6 +193,9 @@ class Agent:
             pending_evidence=len(list((Path(self.cfg.state_dir) / "evidence").glob("*.json"))),
             clock_synchronized=synced,
             last_reconcile=self.last_report,
+            clock_detail=why if synced or self.cfg.clock_sync == "warn" else f"{why}: new lanes are refused",
+            link=self.link.describe() if self.link is not None else None,
+            strict_after_s=self.cfg.strict_after_s or None,
         )
 
     # ---- the loop ----
@@ -197,6 +205,7 @@ class Agent:
         due = self.lanes.next_deadline()
         if due is not None and due <= now:
             self.reconcile()
+        self._strict_mode()
         self._expire_tombstones()
         if now >= self._next_resync:
             self._next_resync = now + self.cfg.resync_interval
@@ -240,10 +249,13 @@ class Agent:
 
     # ---- helpers ----
 
-    def _wants(self) -> dict[str, Want]:
+    def _wants(self) -> tuple[dict[str, Want], list[str]]:
+        """The lanes to hold, and why any new ones are refused."""
         if self.desired is None:
-            return {}
+            return {}, []
         records = {lane.rec.session_id: lane.rec for lane in self.lanes.lanes.values() if lane.rec}
+        refused: list[str] = []
+        clock_ok, clock_why = (True, "") if self.cfg.clock_sync == "warn" else (None, "")
         boot = self.clock.boot_id()
         closed = self.state.closed()
         now = self.clock.mono()
@@ -261,14 +273,42 @@ class Agent:
                 # not bring it back. Hard expiry holds for lanes that never opened too.
                 self.state.mark_closed(spec.session_id, spec.end_time.timestamp())
                 continue
+            if rec is None:
+                if clock_ok is None:
+                    clock_ok, clock_why = self.clock_check()
+                if not clock_ok:
+                    # end times are only as good as the clock that reads them: nothing new on a clock nobody disciplines
+                    refused.append(f"lane {spec.session_id} not opened: this node's clock is not synchronised ({clock_why}); "
+                                   "fix NTP (chrony/systemd-timesyncd) or set clock_sync = \"warn\"")
+                    continue
             wants[spec.session_id] = Want(spec=spec, deadline=deadline)
-        return wants
+        return wants, refused
 
     def _on_ended(self, session_id: str, reason: EndReason, end_time: float) -> None:
         # A session that ended stays ended while the desired state still lists it, whatever the wall
         # clock says: without this, a clock set back would reopen an expired lane.
-        if reason in (EndReason.expired, EndReason.closed):
+        if reason in (EndReason.expired, EndReason.closed, EndReason.control_lost):
             self.state.mark_closed(session_id, end_time)
+
+    def _strict_mode(self) -> None:
+        """Strict mode: once the controller has been silent for `strict_after_s`, every lane ends (and stays
+        ended: a controller back later cannot reopen it)."""
+        if not self.cfg.strict_after_s or self.link is None:
+            return
+        silent = self.link.silent_for()
+        if silent < self.cfg.strict_after_s:
+            self._strict_fired = False
+            return
+        names = [lane.name for lane in self.lanes.lanes.values() if lane.rec is not None]
+        if names:
+            log.warning("strict mode: the controller has been silent for %.0f s (limit %s s): ending %d lane(s)",
+                        silent, self.cfg.strict_after_s, len(names))
+            report = self.lanes.close_now(names, EndReason.control_lost)
+            for line in report.changes + report.errors:
+                log.info("%s", line)
+        elif not self._strict_fired:
+            log.warning("strict mode: the controller has been silent for %.0f s; no lanes open", silent)
+        self._strict_fired = True
 
     def _expire_tombstones(self) -> None:
         wall = self.clock.wall()

@@ -1,5 +1,6 @@
 """`wicket-agent`: the node agent daemon and the site admin's local commands.
 
+  wicket-agent enroll --controller HOST:PORT [--token T]   enrol with a controller (one-time join token)
   wicket-agent run                    start the daemon (foreground; systemd runs it like this)
   wicket-agent apply FILE             hand the daemon a desired node state (JSON; "-" reads stdin)
   wicket-agent status [--json]        lanes being enforced, seconds left, last changes
@@ -34,7 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load(args.config, {"state_dir": args.state_dir, "tag": getattr(args, "tag", None),
                                  "node_id": getattr(args, "node_id", None), "backend": getattr(args, "backend", None),
-                                 "log_level": getattr(args, "log_level", None)})
+                                 "log_level": getattr(args, "log_level", None),
+                                 "strict_after_s": getattr(args, "strict_after_s", None),
+                                 "clock_sync": getattr(args, "clock_sync", None)})
     except ConfigError as exc:
         print(f"wicket-agent: configuration: {exc}", file=sys.stderr)
         return 2
@@ -69,7 +72,17 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--node-id")
     r.add_argument("--backend", choices=["auto", "userspace", "kernel"])
     r.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    r.add_argument("--strict-after", type=float, dest="strict_after_s", metavar="SECONDS",
+                   help="strict mode: end every lane this long after the controller was last heard (0: off)")
+    r.add_argument("--clock-sync", choices=["require", "warn"], help="refuse new lanes on an unsynchronised clock (require)")
     r.set_defaults(func=_run)
+
+    n = sub.add_parser("enroll", help="enrol this agent with a controller, using a site admin's one-time join token")
+    n.add_argument("--controller", required=True, metavar="HOST:PORT", help="the controller's agent link (default port 7443)")
+    n.add_argument("--token", help="the join token (else read from stdin, so it stays out of shell history)")
+    n.add_argument("--node-id", help="this agent's name at the controller (default: node_id from the config, or the host name)")
+    n.add_argument("--force", action="store_true", help="enrol again, replacing this agent's keys")
+    n.set_defaults(func=_enroll)
 
     a = sub.add_parser("apply", help="apply a desired node state file")
     a.add_argument("file")
@@ -109,14 +122,35 @@ def _run(cfg, args) -> int:
     from .control import ControlServer, handler
 
     logging.basicConfig(level=cfg.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from .enroll import LinkFiles
+    from .link import LinkClient
+
+    log = logging.getLogger("wicket.agent")
+    files = LinkFiles.of(cfg.state_dir)
+    if files.enrolled:
+        enrolled_as = files.controller()["node_id"]
+        if cfg.node_id != enrolled_as:
+            log.warning("node_id %s in the settings differs from the enrolled name %s: using %s", cfg.node_id, enrolled_as, enrolled_as)
+            cfg.node_id = enrolled_as
     agent = Agent(cfg)
     try:
         agent.start()
     except AgentError as exc:
-        logging.getLogger("wicket.agent").error("cannot start: %s", exc)
+        log.error("cannot start: %s", exc)
         return 1
     server = ControlServer(cfg.control_socket, agent.requests)
     server.start()
+    if files.enrolled:
+        agent.link = LinkClient(cfg.state_dir, _submitter(agent), str(agent.state.root / "evidence"), agent.clock.mono, agent.clock.wall)
+        agent.link.start()
+        log.info("linked mode: desired state comes from the controller at %s:%s; strict mode %s", agent.link.info["host"],
+                 agent.link.info["port"], f"after {cfg.strict_after_s:g} s" if cfg.strict_after_s else "off")
+    else:
+        log.warning("not enrolled: no controller link (`wicket-agent enroll`); desired state only through the local socket")
+    synced, why = agent.clock_check()
+    if not synced:
+        log.log(logging.ERROR if cfg.clock_sync == "require" else logging.WARNING, "clock: %s — %s", why,
+                "new lanes are refused until it is synchronised" if cfg.clock_sync == "require" else "clock_sync=warn: opening lanes anyway")
 
     def _stop(signum, _frame):
         logging.getLogger("wicket.agent").info("signal %d: stopping (lanes stay up and keep their end times)", signum)
@@ -128,8 +162,40 @@ def _run(cfg, args) -> int:
     try:
         agent.serve(handler(agent))
     finally:
+        if agent.link is not None:
+            agent.link.stop()
         server.close()
         agent.stop()
+    return 0
+
+
+def _submitter(agent):
+    """Run one request on the agent's loop thread and wait for its answer (for the link's thread)."""
+    import threading
+
+    def submit(request: dict) -> dict:
+        done, answer = threading.Event(), {}
+
+        def reply(result: dict) -> None:
+            answer.update(result)
+            done.set()
+
+        agent.requests.put((request, reply))
+        if not done.wait(300):
+            return {"ok": False, "error": "agent busy"}
+        return answer
+
+    return submit
+
+
+def _enroll(cfg, args) -> int:
+    from .enroll import enroll
+
+    token = args.token if args.token else sys.stdin.readline().strip()
+    node = args.node_id or cfg.node_id
+    done = enroll(cfg.state_dir, args.controller, token, node, force=args.force)
+    print(f"enrolled as {done.node_id} at site {done.site}; certificate valid until {done.not_after.isoformat()}")
+    print(f"keys and certificate in {cfg.state_dir}/link (0600). Start the agent: systemctl restart wicket-agent")
     return 0
 
 
@@ -176,6 +242,10 @@ def _status(cfg, args) -> int:
         return 0
     print(f"node {st['node_id']}  agent {st['agent_version']}  backend {st['backend']}  generation {st['applied_generation']}")
     print(f"clock synchronised: {st['clock_synchronized']}  evidence waiting: {st['pending_evidence']}")
+    if st.get("clock_detail"):
+        print(f"clock: {st['clock_detail']}")
+    print(f"controller link: {st.get('link') or 'not enrolled (local control socket only)'}"
+          + (f"  strict mode: lanes end {st['strict_after_s']:g} s after control is lost" if st.get("strict_after_s") else ""))
     if not st["lanes"]:
         print("no lanes")
     for lane in st["lanes"]:

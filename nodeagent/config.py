@@ -37,6 +37,11 @@ class AgentConfig:
     stats_interval: float = 10.0
     max_lanes: int = 1024
     log_level: str = "INFO"
+    # strict mode: end every lane this many seconds after the controller was last heard (0: off, lanes
+    # live to their end time while the controller is away)
+    strict_after_s: float = 0.0
+    # require: refuse new lanes while the kernel says the clock is not synchronised; warn: open them anyway
+    clock_sync: str = "require"
 
     @property
     def control_socket(self) -> str:
@@ -48,6 +53,10 @@ class AgentConfig:
             want = {"str": str, "int": int, "float": (int, float)}[f.type]
             if isinstance(value, bool) or not isinstance(value, want):
                 raise ConfigError(f"{f.name} = {value!r}: expected {f.type}")
+        if self.clock_sync not in ("require", "warn"):
+            raise ConfigError(f"clock_sync {self.clock_sync!r}: require (refuse new lanes on an unsynchronised clock) or warn")
+        if self.strict_after_s < 0 or 0 < self.strict_after_s < 5 or self.strict_after_s > 7 * 86400:
+            raise ConfigError("strict_after_s: 0 (off) or seconds between 5 and 604800")
         if self.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"log_level {self.log_level!r}: one of DEBUG, INFO, WARNING, ERROR")
         if not self.node_id:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pydantic import ValidationError
 
 from .errors import AgentError
+from .link import LINK
 from .wire import DesiredNodeState
 
 MAX_REQUEST = 16 << 20
@@ -29,9 +30,23 @@ def handler(agent) -> Callable[[dict], dict]:
         op = req.get("op")
         try:
             if op == "apply":
-                raw = json.dumps(req.get("desired"))
-                desired = DesiredNodeState.model_validate_json(raw)
-                return {"ok": True, "report": agent.apply(desired, raw).model_dump(mode="json")}
+                via_link = req.get("via") is LINK
+                if agent.link is not None and not via_link:
+                    return {"ok": False, "error": "this agent is enrolled with a controller: its desired state comes only "
+                                                  "over the link (`wicket-agent status` shows the link)"}
+                if isinstance(req.get("desired"), DesiredNodeState):
+                    desired = req["desired"]
+                    raw = desired.model_dump_json()
+                else:
+                    raw = json.dumps(req.get("desired"))
+                    desired = DesiredNodeState.model_validate_json(raw)
+                out = {"ok": True, "report": agent.apply(desired, raw).model_dump(mode="json")}
+                if via_link:
+                    out["status"] = agent.status().model_dump(mode="json")
+                return out
+            if op == "applied_generation":
+                return {"ok": True, "generation": agent.desired.generation if agent.desired else None,
+                        "boot_id": agent.clock.boot_id()}
             if op == "status":
                 return {"ok": True, "status": agent.status().model_dump(mode="json")}
             if op == "close":

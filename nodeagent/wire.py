@@ -7,6 +7,11 @@ a file name never gets past these types.
 PROTOCOL_VERSION history (bump it, and say what changed, whenever a message changes shape):
   1 — desired node state with lanes (controller → agent); lane evidence, agent status (agent → controller);
       signed device passports (controller → agent).
+  2 — the agent link: enrolment frames, hello/welcome, applied/refused acknowledgements, signed evidence,
+      certificate renewal, pings (see "the agent link" below); EndReason `control_lost` (strict mode);
+      AgentStatus gains `clock_detail`, `link` and `strict_after_s`.
+A controller of version N serves agents of version N and N−1 (`OLDEST_SERVED`): it stamps what it sends
+with the version the agent said in its hello, so an older agent's own version check accepts it.
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ from pydantic import (
     model_validator,
 )
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+OLDEST_SERVED = PROTOCOL_VERSION - 1
 
 MAX_LANES = 4096
 MAX_PORTS_PER_LANE = 64
@@ -191,6 +197,7 @@ class EndReason(StrEnum):
     removed = "removed"  # the controller's desired state no longer holds it (revoke, close, policy)
     replaced = "replaced"  # its spec changed in a way that needs a new lane (new key or port)
     failed = "failed"  # it could not be opened or kept up
+    control_lost = "control_lost"  # strict mode: the controller was out of reach for too long (v2)
 
 
 class FlowRecord(_Msg):
@@ -301,6 +308,9 @@ class AgentStatus(_Msg):
     pending_evidence: int
     clock_synchronized: bool | None
     last_reconcile: ReconcileReport | None = None
+    clock_detail: str | None = None  # v2: why the clock is (not) considered synchronised
+    link: str | None = None  # v2: "connected to …", "disconnected since …", or None when not enrolled
+    strict_after_s: float | None = None  # v2: strict mode's limit, None when lanes live to their end time
 
 
 # ---- device passports (controller → agent) -------------------------------------------------------
@@ -376,3 +386,198 @@ class SignedPassport(_Msg):
 
 def key_id(public_key_raw: bytes) -> str:
     return hashlib.sha256(public_key_raw).hexdigest()[:16]
+
+
+# ---- the agent link (v2) -------------------------------------------------------------------------
+#
+# One TLS connection, dialled by the agent, carrying length-prefixed JSON frames (4-byte big-endian
+# length, then one JSON object with a "kind"). Enrolment uses the same port before the agent has a
+# certificate: `enroll_begin` → `enroll_ca` (the agent checks the CA against the pin in its join token
+# and the server's certificate against that CA) → `enroll` (the token's secret, the CSR) → `enrolled`.
+# A certified agent opens with `hello`; the controller answers `welcome`, then pushes `desired_node_state`
+# whenever the node's generation moves; the agent answers each with `applied` or `refused`, sends
+# `agent_status` and `evidence` on its own, and renews its certificate with `renew` before it runs out.
+
+MAX_FRAME = 16 << 20
+TOKEN_PREFIX = "wkj1"
+
+
+class EnrollBegin(_Msg):
+    kind: Literal["enroll_begin"] = "enroll_begin"
+    protocol_version: int = PROTOCOL_VERSION
+
+
+class EnrollCA(_Msg):
+    """Controller → agent: the CA the controller's link certificate chains to (PEM)."""
+
+    kind: Literal["enroll_ca"] = "enroll_ca"
+    ca_pem: str = Field(max_length=16384)
+
+
+class EnrollRequest(_Msg):
+    kind: Literal["enroll"] = "enroll"
+    protocol_version: int = PROTOCOL_VERSION
+    token: str = Field(max_length=256)
+    node_id: NodeId
+    csr_pem: str = Field(max_length=16384)
+    evidence_public_key: str = Field(description="Ed25519, raw 32 bytes in base64: signs this agent's evidence")
+    agent_version: str = Field(max_length=32)
+
+
+class Enrolled(_Msg):
+    kind: Literal["enrolled"] = "enrolled"
+    node_id: NodeId
+    site: str
+    certificate_pem: str
+    not_after: UtcTime
+    controller_signing_key: str = Field(description="Ed25519 public key (base64) that signs passports")
+
+
+class Hello(_Msg):
+    """Agent → controller, first frame on a certified connection."""
+
+    kind: Literal["hello"] = "hello"
+    protocol_version: int
+    node_id: NodeId
+    agent_version: str = Field(max_length=32)
+    applied_generation: int | None = None
+    boot_id: str | None = Field(default=None, max_length=64)
+
+
+class Welcome(_Msg):
+    kind: Literal["welcome"] = "welcome"
+    protocol_version: int = Field(description="the version both sides speak on this connection")
+    controller_version: str
+    heartbeat_s: float = Field(gt=0, le=300)
+    server_time: UtcTime
+
+
+class Applied(_Msg):
+    """Agent → controller: the generation is applied (also when some lanes failed: `report.errors`)."""
+
+    kind: Literal["applied"] = "applied"
+    generation: int = Field(ge=0)
+    report: ReconcileReport
+    status: AgentStatus
+
+
+class Refused(_Msg):
+    """Agent → controller: the desired state was not applied at all (older generation, bad content)."""
+
+    kind: Literal["refused"] = "refused"
+    generation: int
+    error: str = Field(max_length=2000)
+
+
+class SignedEvidence(_Msg):
+    """Agent → controller: one lane's evidence, signed with the agent's enrolment (evidence) key."""
+
+    kind: Literal["evidence"] = "evidence"
+    ident: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+    evidence: LaneEvidence
+    signature: str = Field(description="Ed25519 over evidence_bytes(ident, evidence), base64")
+
+
+class EvidenceReceipt(_Msg):
+    """Controller → agent: the evidence is stored; the agent may delete its copy."""
+
+    kind: Literal["evidence_receipt"] = "evidence_receipt"
+    ident: str
+
+
+class Renew(_Msg):
+    kind: Literal["renew"] = "renew"
+    csr_pem: str = Field(max_length=16384)
+
+
+class Certificate(_Msg):
+    kind: Literal["certificate"] = "certificate"
+    certificate_pem: str
+    not_after: UtcTime
+
+
+class Ping(_Msg):
+    kind: Literal["ping"] = "ping"
+    sent: float
+
+
+class Pong(_Msg):
+    kind: Literal["pong"] = "pong"
+    sent: float
+
+
+class Goodbye(_Msg):
+    """Either side, before it closes the connection on purpose."""
+
+    kind: Literal["goodbye"] = "goodbye"
+    reason: str = Field(max_length=2000)
+    retry: bool = True
+
+
+LinkFrame = Annotated[
+    EnrollBegin | EnrollCA | EnrollRequest | Enrolled | Hello | Welcome | DesiredNodeState | Applied | Refused
+    | AgentStatus | SignedEvidence | EvidenceReceipt | Renew | Certificate | Ping | Pong | Goodbye,
+    Field(discriminator="kind"),
+]
+
+EVIDENCE_SIGNATURE_CONTEXT = b"wicket lane evidence v1\n"
+
+
+def evidence_bytes(ident: str, evidence: LaneEvidence) -> bytes:
+    body = json.dumps(evidence.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return EVIDENCE_SIGNATURE_CONTEXT + ident.encode() + b"\n" + body.encode()
+
+
+def encode_frame(msg: BaseModel, version: int = PROTOCOL_VERSION) -> bytes:
+    """One frame. Messages that carry a protocol version are stamped with the peer's `version`."""
+    data = msg.model_dump(mode="json")
+    if "protocol_version" in data:
+        data["protocol_version"] = version
+    body = json.dumps(data, separators=(",", ":")).encode()
+    if len(body) > MAX_FRAME:
+        raise ValueError(f"a {data.get('kind')} frame of {len(body)} bytes exceeds the {MAX_FRAME}-byte limit")
+    return len(body).to_bytes(4, "big") + body
+
+
+class FrameError(ValueError):
+    pass
+
+
+def decode_frame(body: bytes):
+    """A frame's body (without its length) → its message. FrameError names what is wrong."""
+    from pydantic import TypeAdapter, ValidationError
+
+    global _FRAMES
+    if _FRAMES is None:
+        _FRAMES = TypeAdapter(LinkFrame)
+    try:
+        return _FRAMES.validate_json(body)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(x) for x in err["loc"]) or "(top)"
+        raise FrameError(f"invalid frame: {where}: {err['msg']}") from None
+
+
+_FRAMES = None
+
+
+def frame_length(header: bytes) -> int:
+    n = int.from_bytes(header, "big")
+    if n > MAX_FRAME:
+        raise FrameError(f"frame of {n} bytes exceeds the {MAX_FRAME}-byte limit")
+    return n
+
+
+def parse_token(token: str) -> tuple[str, str, str]:
+    """A join token "wkj1.<id>.<secret>.<ca pin>" → (id, secret, pin: SHA-256 hex of the CA's DER)."""
+    parts = token.strip().split(".")
+    if len(parts) != 4 or parts[0] != TOKEN_PREFIX:
+        raise ValueError("not a wicket join token (expected wkj1.<id>.<secret>.<pin>)")
+    _, ident, secret, pin = parts
+    if not (len(ident) == 12 and ident.isalnum() and 20 <= len(secret) <= 64 and len(pin) == 64):
+        raise ValueError("malformed join token")
+    try:
+        int(pin, 16)
+    except ValueError:
+        raise ValueError("malformed join token") from None
+    return ident, secret, pin.lower()

@@ -114,6 +114,7 @@ def test_a_second_replica_pushes_the_same_generation_acceptably(ctl):
     link = _AgentRule(ctl.nodes)
     sessions = ctl.app.state.sessions
     sessions.pusher = Pusher(sessions.factory, link, sessions.auth.now)
+    sessions.pusher.on_applied = sessions.acknowledge
     erin = ctl.add_user("erin", roles=[("engineer", "north-1")])
     assert _post(ctl, erin, "/sessions", {"device": "RTU-17", "task": "iec104-diagnostics", "reason": "WO-1"},
                  True).json()["state"] == "active"

@@ -1,0 +1,278 @@
+"""The agent's side of the link: dial out to the controller, keep the connection, take what it pushes.
+
+Runs an asyncio loop in its own thread. Every change still happens on the agent's loop thread: a pushed
+desired state is handed over with `submit` and answered with `applied` (or `refused`) once the agent has
+converged on it. Besides that the link sends the agent's status every few seconds, delivers evidence
+(signed with the enrolment key; a record is deleted only after the controller's receipt), renews the
+client certificate at half its life, and answers pings. It reconnects with backoff (1 s doubling to
+30 s, jittered). `last_contact` (monotonic) is when the controller was last heard: strict mode counts
+from it, and it is persisted so a restart while cut off does not reset the count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import random
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+from cryptography import x509
+
+from . import __version__
+from .enroll import LinkFiles, check_controller_cert, new_tls_key
+from .wire import (
+    PROTOCOL_VERSION,
+    AgentStatus,
+    Applied,
+    Certificate,
+    DesiredNodeState,
+    EvidenceReceipt,
+    Goodbye,
+    Hello,
+    LaneEvidence,
+    Ping,
+    Pong,
+    ReconcileReport,
+    Refused,
+    Renew,
+    SignedEvidence,
+    Welcome,
+    decode_frame,
+    encode_frame,
+    evidence_bytes,
+    frame_length,
+)
+
+log = logging.getLogger("wicket.agent.link")
+STATUS_EVERY_S = 5.0
+MAX_BACKOFF_S = 30.0
+LINK = object()  # marks requests that came over the link (the control socket cannot forge an object)
+
+
+class LinkClient:
+    """`submit(request) -> answer` runs one request on the agent's loop thread (see `control.handler`)."""
+
+    def __init__(self, state_dir: str, submit: Callable[[dict], dict], evidence_dir: str, clock_mono: Callable[[], float],
+                 clock_wall: Callable[[], float], version: int = PROTOCOL_VERSION):
+        self.files = LinkFiles.of(state_dir)
+        self.info = self.files.controller()
+        self.node = self.info["node_id"]
+        self.submit, self.evidence_dir = submit, Path(evidence_dir)
+        self.mono, self.wall = clock_mono, clock_wall
+        self.version = version
+        self.connected = False
+        self.state = "starting"
+        self.last_contact = self._restore_contact()
+        self.stopping = threading.Event()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.thread: threading.Thread | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._renewing: bytes | None = None
+        self.connects = 0
+
+    # ---- life ----
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._run, name="link", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(lambda: None)
+        if self.thread:
+            self.thread.join(5)
+        self._persist_contact()
+
+    def describe(self) -> str:
+        where = f"{self.info['host']}:{self.info['port']}"
+        if self.connected:
+            return f"connected to {where}"
+        ago = self.mono() - self.last_contact
+        return f"{self.state}: controller {where} last heard {ago:.0f} s ago"
+
+    def silent_for(self) -> float:
+        return self.mono() - self.last_contact
+
+    # ---- the loop ----
+
+    def _run(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        try:
+            self.loop.run_until_complete(self._forever())
+        finally:
+            self.loop.close()
+
+    async def _forever(self) -> None:
+        failures = 0
+        while not self.stopping.is_set():
+            why = await self._session()
+            self.connected = False
+            if self.stopping.is_set():
+                return
+            failures = 0 if why == "ok" else failures + 1
+            pause = min(MAX_BACKOFF_S, 2.0 ** min(failures, 6) / 2) * (0.75 + random.random() / 2)
+            self.state = f"disconnected ({why})"
+            log.warning("link to the controller down (%s); trying again in %.1f s", why, pause)
+            await self._sleep(pause)
+
+    async def _sleep(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while not self.stopping.is_set() and time.monotonic() < end:
+            await asyncio.sleep(min(0.2, end - time.monotonic()))
+
+    async def _session(self) -> str:
+        host, port = self.info["host"], self.info["port"]
+        try:
+            ctx = self._context()
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, ssl=ctx), 10)
+        except (OSError, ssl.SSLError, TimeoutError) as exc:
+            return f"connect: {exc}"
+        self._writer = writer
+        try:
+            ca = x509.load_pem_x509_certificate(Path(self.files.path("ca.pem")).read_bytes())
+            check_controller_cert(writer.get_extra_info("ssl_object").getpeercert(binary_form=True), ca)
+            applied = await self._ask({"op": "applied_generation"})
+            await self._send(Hello(protocol_version=self.version, node_id=self.node, agent_version=__version__,
+                                   applied_generation=applied.get("generation"), boot_id=applied.get("boot_id")))
+            welcome = await asyncio.wait_for(self._read(reader), 15)
+            if isinstance(welcome, Goodbye):
+                return f"refused: {welcome.reason}"
+            if not isinstance(welcome, Welcome):
+                return f"unexpected {welcome.kind}"
+            self._heard()
+            self.connected, self.state = True, "connected"
+            self.connects += 1
+            log.info("link up: controller %s:%s, protocol v%s, heartbeat %s s", host, port, welcome.protocol_version,
+                     welcome.heartbeat_s)
+            chores = asyncio.create_task(self._chores(welcome.heartbeat_s))
+            try:
+                while not self.stopping.is_set():
+                    msg = await asyncio.wait_for(self._read(reader), welcome.heartbeat_s * 3)
+                    self._heard()
+                    if isinstance(msg, Goodbye):
+                        return f"controller closed the link: {msg.reason}"
+                    await self._handle(msg)
+                return "ok"
+            finally:
+                chores.cancel()
+        except TimeoutError:
+            return "the controller went silent"
+        except (asyncio.IncompleteReadError, ConnectionError, OSError, ssl.SSLError) as exc:
+            return f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # noqa: BLE001 - never let the link thread die
+            log.exception("link failure")
+            return f"error: {exc}"
+        finally:
+            self._writer = None
+            writer.close()
+
+    async def _handle(self, msg) -> None:
+        if isinstance(msg, DesiredNodeState):
+            answer = await self._ask({"op": "apply", "desired": msg, "via": LINK})
+            if answer.get("ok"):
+                await self._send(Applied(generation=msg.generation, report=ReconcileReport.model_validate(answer["report"]),
+                                         status=AgentStatus.model_validate(answer["status"])))
+            else:
+                await self._send(Refused(generation=msg.generation, error=str(answer.get("error"))[:2000]))
+        elif isinstance(msg, EvidenceReceipt):
+            await self._ask({"op": "evidence", "ack": msg.ident})
+        elif isinstance(msg, Certificate):
+            if self._renewing is not None:
+                self.files.write("tls.key", self._renewing)
+                self.files.write("tls.pem", msg.certificate_pem)
+                self._renewing = None
+                log.info("certificate renewed until %s", msg.not_after.isoformat())
+        elif isinstance(msg, Ping):
+            await self._send(Pong(sent=msg.sent))
+
+    async def _chores(self, heartbeat: float) -> None:
+        """Status, evidence and renewal while connected."""
+        next_status = 0.0
+        sent: set[str] = set()
+        while True:
+            now = time.monotonic()
+            if now >= next_status:
+                next_status = now + min(STATUS_EVERY_S, heartbeat)
+                answer = await self._ask({"op": "status"})
+                if answer.get("ok"):
+                    await self._send(AgentStatus.model_validate(answer["status"]))
+            await self._deliver_evidence(sent)
+            await self._renew_if_due()
+            await asyncio.sleep(0.25)
+
+    async def _deliver_evidence(self, sent: set[str]) -> None:
+        key = None
+        for p in sorted(self.evidence_dir.glob("*.json")):
+            if p.stem in sent:
+                continue
+            try:
+                ev = LaneEvidence.model_validate_json(p.read_text())
+            except (OSError, ValueError):
+                continue
+            key = key or self.files.evidence_key()
+            sig = base64.b64encode(key.sign(evidence_bytes(p.stem, ev))).decode()
+            await self._send(SignedEvidence(ident=p.stem, evidence=ev, signature=sig))
+            sent.add(p.stem)
+
+    async def _renew_if_due(self) -> None:
+        if self._renewing is not None:
+            return
+        cert = self.files.certificate()
+        start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+        if datetime.now(UTC) < start + (end - start) / 2:
+            return
+        key, csr = new_tls_key()
+        self._renewing = key
+        await self._send(Renew(csr_pem=csr))
+
+    # ---- plumbing ----
+
+    def _context(self) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        # Pinned to the controller's own CA; the controller's identity is checked on its certificate
+        # (URI SAN and serverAuth) rather than a host name, which may be an address behind NAT.
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_verify_locations(cafile=self.files.path("ca.pem"))
+        ctx.load_cert_chain(self.files.path("tls.pem"), self.files.path("tls.key"))
+        return ctx
+
+    async def _ask(self, request: dict) -> dict:
+        return await asyncio.to_thread(self.submit, request)
+
+    async def _send(self, msg) -> None:
+        if self._writer is None:
+            raise ConnectionError("not connected")
+        self._writer.write(encode_frame(msg, self.version))
+        await self._writer.drain()
+
+    async def _read(self, reader: asyncio.StreamReader):
+        n = frame_length(await reader.readexactly(4))
+        return decode_frame(await reader.readexactly(n))
+
+    def _heard(self) -> None:
+        first = self.mono() - self.last_contact > 1
+        self.last_contact = self.mono()
+        if first:
+            self._persist_contact()
+
+    def _restore_contact(self) -> float:
+        try:
+            wall = float((self.files.root / "last_contact").read_text())
+        except (OSError, ValueError):
+            return self.mono()  # never linked yet: count from now
+        return self.mono() - max(0.0, self.wall() - wall)
+
+    def _persist_contact(self) -> None:
+        try:
+            self.files.write("last_contact", f"{self.wall() - (self.mono() - self.last_contact):.3f}")
+        except OSError:
+            pass
