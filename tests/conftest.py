@@ -40,12 +40,22 @@ def lab():
 
     Skips when not root or when ip/wireguard-go/nft are missing; fails the test at teardown if cleanup left
     anything behind."""
+    yield from _built_lab()
+
+
+@pytest.fixture
+def product_lab():
+    """The default lab plus `ctl`, the controller's own host on the operations segment."""
+    yield from _built_lab(masters=("scada", "ctl"))
+
+
+def _built_lab(**kw):
     from tests.lab import Lab, unavailable_reason
 
     reason = unavailable_reason()
     if reason:
         pytest.skip(reason)
-    with Lab() as built:
+    with Lab(**kw) as built:
         yield built
     if built.cleanup_errors:
         pytest.fail(

@@ -41,7 +41,9 @@ class AgentProcess:
         self.lab = lab
         self.state_dir = state_dir or tempfile.mkdtemp(prefix=f"wicket-{lab.run_id}-")
         self.log_path = os.path.join(self.state_dir, "agent.log")
-        self.extra = extra or []
+        # This machine's kernel may well report its clock unsynchronised (containers, CI): the lab says so
+        # explicitly; the clock refusal has its own tests.
+        self.extra = extra if extra is not None else ["--clock-sync", "warn"]
         self.proc: subprocess.Popen | None = None
         self.generation = 0
         lab.register_uapi_prefix("wk" + lab.agent_tag)
