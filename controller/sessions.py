@@ -297,7 +297,7 @@ class Sessions:
     def _last_activation_error(self, sid: str) -> str | None:
         with self.factory() as s:
             body = s.scalar(select(Event.body).where(Event.subject == sid, Event.type == "session.activate",
-                                                     Event.result == "failure").order_by(Event.id.desc()).limit(1))
+                                                     Event.result == "failure").order_by(Event.seq.desc()).limit(1))
         return body.get("error") if body else None
 
     def acknowledge(self, node: str, generation: int, report, status) -> None:

@@ -45,10 +45,13 @@ class Node:
         self.ct = FakeConntrack()
         self.cfg = AgentConfig(node_id="n1", tag=tag, state_dir=str(tmp_path / "state")).validate()
         self.generation = 0
+        # what the agent's clock check answers: the host's own kernel clock must not decide these tests
+        self.clock_state: tuple[bool, str] = (True, "fake clock: synchronised")
         self.agent = self._new_agent()
 
     def _new_agent(self) -> Agent:
         agent = Agent(self.cfg, clock=self.clock, backend=self.backend, firewall=self.fw, conntrack=self.ct, listen_events=False)
+        agent.clock_check = lambda: self.clock_state
         agent.start()
         return agent
 
