@@ -8,8 +8,8 @@ and the agent acknowledges it on the same connection. See docs/agent-link.md.
 
 Threads: the listener runs an asyncio loop in its own thread; database work goes to worker threads.
 A push from an API request (`LiveLink.push`) is handed to the loop and waits for the agent's `applied`.
-Each connection also watches its node's generation (woken at once by a change made in this process, and
-every `WATCH_S` for changes made by another replica) and pushes whatever is newer than what the agent has.
+Each connection pushes its node's state when woken: at once by a change made in this process, and by one
+query every `WATCH_S` over all linked nodes for changes made by another replica.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import asyncio
 import base64
 import binascii
 import logging
-import os
 import socket
 import ssl
 import threading
@@ -36,9 +35,9 @@ from nodeagent.wire import (
     Applied,
     Certificate,
     DesiredNodeState,
-    Enrolled,
     EnrollBegin,
     EnrollCA,
+    Enrolled,
     EnrollRequest,
     EvidenceReceipt,
     FrameError,
@@ -85,6 +84,7 @@ class _Conn:
     last_rx: float = field(default_factory=time.monotonic)
     send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     closed: bool = False
+    force: bool = True  # the next wake sends the full state even at a generation already sent
 
 
 class LinkServer:
@@ -95,7 +95,8 @@ class LinkServer:
                  ack_timeout_s: float = 10.0, replica: str | None = None):
         self.agents, self.factory, self.ctx = agents, agents.factory, ssl_context
         self.heartbeat_s, self.ack_timeout_s = heartbeat_s, ack_timeout_s
-        self.replica = replica or f"{socket.gethostname()}:{os.getpid()}"
+        # Stable across restarts of this controller, so a restart after a crash marks its links down.
+        self.replica = replica or socket.gethostname()[:64]
         self.on_applied = lambda node, generation, report, status: None
         self.on_evidence = lambda node, session_id, end_reason: None
         self.conns: dict[str, _Conn] = {}
@@ -119,6 +120,7 @@ class LinkServer:
                 kw = {"sock": sock} if sock is not None else {"host": host, "port": port, "reuse_address": True}
                 self.server = self.loop.run_until_complete(asyncio.start_server(self._serve, ssl=self.ctx, backlog=512, **kw))
                 self.address = self.server.sockets[0].getsockname()[:2]
+                self._poller = self.loop.create_task(self._poll_generations())
             except BaseException as exc:  # noqa: BLE001 - reported to the starting thread
                 failure.append(exc)
                 ready.set()
@@ -141,6 +143,7 @@ class LinkServer:
             return
 
         async def shutdown():
+            self._poller.cancel()
             self.server.close()
             for conn in list(self.conns.values()):
                 await self._close(conn, "controller stopping")
@@ -309,15 +312,17 @@ class LinkServer:
         next_ping = time.monotonic() + self.heartbeat_s
         while not conn.closed:
             try:
-                await asyncio.wait_for(conn.wake.wait(), min(WATCH_S, self.heartbeat_s))
+                await asyncio.wait_for(conn.wake.wait(), max(0.0, next_ping - time.monotonic()))
             except TimeoutError:
                 pass
             woken = conn.wake.is_set()
             conn.wake.clear()
             try:
-                desired = await asyncio.to_thread(self._desired, conn.node, conn.sent if not woken else -1)
-                if desired is not None:
-                    await self._push(conn, desired)
+                if woken:
+                    desired = await asyncio.to_thread(self._desired, conn.node, -1 if conn.force else conn.sent)
+                    conn.force = False
+                    if desired is not None:
+                        await self._push(conn, desired)
                 if time.monotonic() >= next_ping:
                     next_ping = time.monotonic() + self.heartbeat_s
                     await self._send(conn, Ping(sent=time.time()))
@@ -384,6 +389,27 @@ class LinkServer:
         if was_current:
             self.statuses.pop(conn.node, None)
             await asyncio.to_thread(self._link_down, conn)
+
+    async def _poll_generations(self) -> None:
+        """Generations made elsewhere (another replica, `wicket-controller` tools): one query for all links."""
+        while True:
+            await asyncio.sleep(WATCH_S)
+            conns = dict(self.conns)
+            if not conns:
+                continue
+            try:
+                gens = await asyncio.to_thread(self._generations, list(conns))
+            except Exception:  # noqa: BLE001 - the database may be briefly away; the next turn retries
+                log.exception("reading node generations")
+                continue
+            for node, gen in gens.items():
+                conn = conns.get(node)
+                if conn is not None and gen > conn.sent:
+                    conn.wake.set()
+
+    def _generations(self, nodes: list[str]) -> dict[str, int]:
+        with self.factory() as s:
+            return dict(s.execute(select(NodeAgent.name, NodeAgent.generation).where(NodeAgent.name.in_(nodes))).all())
 
     # ---- database (worker threads) ----
 

@@ -4,25 +4,25 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import timedelta
 from collections.abc import Callable
 from contextlib import asynccontextmanager
+from datetime import timedelta
 
 from fastapi import FastAPI
 
 from . import __version__, errors
+from .agent_ca import AgentCA
+from .agent_link import LinkServer
 from .api import router
+from .api_agents import router as agents_router
 from .api_inventory import router as inventory_router
 from .api_policy import router as policy_router
-from .api_agents import router as agents_router
 from .api_sessions import router as sessions_router
 from .auth import Auth
 from .db import make_engine, session_factory
 from .decisions import Decisions
-from .inventory import Inventory
-from .agent_ca import AgentCA
-from .agent_link import LinkServer
 from .enrolment import Agents
+from .inventory import Inventory
 from .nodelink import LocalSocketLink, NoLink
 from .policy_store import PolicyStore
 from .security import keys as controller_keys
@@ -81,7 +81,8 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time, en
                         ", ".join(sorted(settings.agent_sockets)))
         elif settings.link_listen:
             link = LinkServer(app.state.agents, ca.server_context(list(settings.link_names), settings.keys_dir),
-                              heartbeat_s=settings.link_heartbeat_s, ack_timeout_s=settings.ack_timeout_s)
+                              heartbeat_s=settings.link_heartbeat_s, ack_timeout_s=settings.ack_timeout_s,
+                              replica=settings.replica_id or None)
         else:
             link = NoLink()
     pusher = Pusher(factory, link, auth.now)

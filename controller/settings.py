@@ -57,6 +57,7 @@ class Settings:
     join_token_ttl_s: int = 3600
     link_heartbeat_s: int = 10  # pings both ways; a link silent for 3 of these is dropped
     ack_timeout_s: int = 10  # how long an activation waits for the node to acknowledge the lane
+    replica_id: str = ""  # names this controller replica in link records; default: the host name
 
     @property
     def keys_dir(self) -> Path:
@@ -104,6 +105,7 @@ def load(env: dict[str, str] | None = None) -> Settings:
         join_token_ttl_s=_int(env, "WICKET_JOIN_TOKEN_TTL_S", 3600, low=60, high=7 * 86400),
         link_heartbeat_s=_int(env, "WICKET_LINK_HEARTBEAT_S", 10, low=1, high=120),
         ack_timeout_s=_int(env, "WICKET_ACK_TIMEOUT_S", 10, low=1, high=120),
+        replica_id=env.get("WICKET_REPLICA_ID", "")[:64],
     )
     if settings.token_idle_s > settings.token_max_s:
         raise SettingsError("WICKET_TOKEN_IDLE_S must not exceed WICKET_TOKEN_MAX_S")

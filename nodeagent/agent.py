@@ -258,10 +258,16 @@ class Agent:
         clock_ok, clock_why = (True, "") if self.cfg.clock_sync == "warn" else (None, "")
         boot = self.clock.boot_id()
         closed = self.state.closed()
+        removed = self.state.removed()
         now = self.clock.mono()
         wants = {}
         for spec in self.desired.lanes:
             if spec.session_id in closed:
+                continue
+            gone = removed.get(spec.session_id)
+            if gone is not None and spec.revision <= gone[0]:
+                refused.append(f"lane {spec.session_id} revision {spec.revision} was removed from this node before: "
+                               "not reopened (a stale or restored desired state)")
                 continue
             rec = records.get(spec.session_id)
             if rec is not None and rec.lane.end_time == spec.end_time and rec.boot_id == boot:
@@ -284,11 +290,13 @@ class Agent:
             wants[spec.session_id] = Want(spec=spec, deadline=deadline)
         return wants, refused
 
-    def _on_ended(self, session_id: str, reason: EndReason, end_time: float) -> None:
+    def _on_ended(self, session_id: str, reason: EndReason, end_time: float, revision: int = 0) -> None:
         # A session that ended stays ended while the desired state still lists it, whatever the wall
         # clock says: without this, a clock set back would reopen an expired lane.
         if reason in (EndReason.expired, EndReason.closed, EndReason.control_lost):
             self.state.mark_closed(session_id, end_time)
+        elif reason == EndReason.removed:
+            self.state.mark_removed(session_id, revision, self.clock.wall())
 
     def _strict_mode(self) -> None:
         """Strict mode: once the controller has been silent for `strict_after_s`, every lane ends (and stays
@@ -316,6 +324,9 @@ class Agent:
         for sid, until in list(self.state.closed().items()):
             if sid not in listed and until < wall - TOMBSTONE_RETENTION_S:
                 self.state.forget_closed(sid)
+        for sid, (_rev, at) in list(self.state.removed().items()):
+            if sid not in listed and at < wall - TOMBSTONE_RETENTION_S:
+                self.state.forget_removed(sid)
 
     def _agent_gap(self) -> tuple[float, float] | None:
         p = Path(self.cfg.state_dir) / "heartbeat"

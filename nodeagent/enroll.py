@@ -32,7 +32,17 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from . import __version__
 from .errors import AgentError
-from .wire import Enrolled, EnrollBegin, EnrollCA, EnrollRequest, Goodbye, decode_frame, encode_frame, frame_length, parse_token
+from .wire import (
+    EnrollBegin,
+    EnrollCA,
+    Enrolled,
+    EnrollRequest,
+    Goodbye,
+    decode_frame,
+    encode_frame,
+    frame_length,
+    parse_token,
+)
 
 CONTROLLER_URI = "urn:wicket:controller"
 DEFAULT_PORT = 7443

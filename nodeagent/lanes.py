@@ -51,7 +51,7 @@ class LaneManager:
         state: StateDir,
         clock: Clock,
         node_id: str,
-        on_ended: Callable[[str, EndReason, float], None] | None = None,
+        on_ended: Callable[[str, EndReason, float, int], None] | None = None,
         listener=None,
     ):
         self.naming, self.backend, self.fw, self.ct = naming, backend, firewall, conntrack
@@ -380,7 +380,7 @@ class LaneManager:
             if rec is not None:
                 self.state.drop_lane(rec.session_id)
                 if self.on_ended:
-                    self.on_ended(rec.session_id, reason, rec.end_time)
+                    self.on_ended(rec.session_id, reason, rec.end_time, rec.lane.revision)
             self.state.drop_flows(lane.name)
             sid = rec.session_id if rec else f"unknown session {lane.session_hint or ''}".strip()
             late = ""

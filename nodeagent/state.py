@@ -5,6 +5,8 @@ Layout under the state directory:
   desired.json            the last desired state applied (highest generation)
   lanes/<session>.json    one record per open lane: its spec, its monotonic deadline, when it opened
   closed/<session>.json   sessions closed on this node before their end (so a re-sent state cannot reopen them)
+  removed/<session>.json  lanes the controller removed, with their revision: only a newer revision opens again
+                          (a stale or restored desired state cannot bring back a revoked lane)
   flows/<lane>.jsonl      connections that ended while the lane lived (conntrack DESTROY events)
   evidence/<id>.json      lane evidence waiting to be collected
 Every file is written to a temporary name and renamed: a crash leaves the old or the new file. Evidence
@@ -56,7 +58,8 @@ class StateDir:
     def __init__(self, path: str | os.PathLike):
         self.root = Path(path)
         self._closed: dict[str, float] | None = None
-        for sub in ("", "lanes", "closed", "flows", "evidence"):
+        self._removed: dict[str, tuple[int, float]] | None = None
+        for sub in ("", "lanes", "closed", "removed", "flows", "evidence"):
             d = self.root / sub
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(d, 0o700)
@@ -110,6 +113,28 @@ class StateDir:
     def forget_closed(self, session_id: str) -> None:
         _unlink(self.root / "closed" / f"{session_id}.json")
         self.closed().pop(session_id, None)
+
+    # ---- lanes the controller removed ----
+
+    def removed(self) -> dict[str, tuple[int, float]]:
+        """Session → (the revision removed, when, wall seconds). Cached: read once per process."""
+        if self._removed is None:
+            self._removed = {}
+            for p in (self.root / "removed").glob("*.json"):
+                try:
+                    data = json.loads(p.read_text())
+                    self._removed[p.stem] = (int(data["revision"]), float(data["at"]))
+                except (ValueError, KeyError, TypeError):
+                    continue
+        return self._removed
+
+    def mark_removed(self, session_id: str, revision: int, at_wall: float) -> None:
+        _write(self.root / "removed" / f"{session_id}.json", json.dumps({"revision": revision, "at": at_wall}), durable=True)
+        self.removed()[session_id] = (revision, at_wall)
+
+    def forget_removed(self, session_id: str) -> None:
+        _unlink(self.root / "removed" / f"{session_id}.json")
+        self.removed().pop(session_id, None)
 
     # ---- flows that ended during a lane ----
 

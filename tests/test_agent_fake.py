@@ -242,12 +242,14 @@ def test_damaged_lane_is_rebuilt(node):
 def test_random_sequences_of_states_converge(tmp_path, seed):
     """Random desired states in random order, with failures, clock jumps and restarts in between.
 
-    A session id is single-use: once its lane ended while listed, it never reopens."""
+    A session id is single-use: once its lane ended while listed, it never reopens; a lane the controller
+    removed (no longer listed) reopens only at a newer revision, which this sequence never sends."""
     rnd = random.Random(seed)
     node = Node(tmp_path)
     incarnation = dict.fromkeys(range(10), 0)
     end = {i: node.clock.wall() + 600 for i in range(10)}
     dead: set[str] = set()
+    opened: dict[str, str] = {}  # session → lane name, for every session listed so far
     closed_so_far = 0
     for step in range(25):
         chosen = rnd.sample(range(10), rnd.randint(0, 6))
@@ -263,9 +265,12 @@ def test_random_sequences_of_states_converge(tmp_path, seed):
             specs.append(lane(i, node.clock, session_id=sid, end_time=datetime.fromtimestamp(end[i], UTC)))
         node.backend.fail_create = {node.naming.lane_name(s.session_id) for s in specs if rnd.random() < 0.1}
         before = set(node.backend.boxes)
+        listed = {s.session_id for s in specs}
+        dead |= {sid for sid, name in opened.items() if sid not in listed and name in before}  # removed while open
         node.apply(specs)
         node.backend.fail_create.clear()
         node.agent.reconcile()  # lanes that failed come up on the next pass
+        opened.update({s.session_id: node.naming.lane_name(s.session_id) for s in specs})
         wanted = {node.naming.lane_name(s.session_id) for s in specs
                   if s.session_id not in dead and s.end_time.timestamp() > node.clock.wall()}
         assert set(node.backend.boxes) == wanted, f"step {step}: {node.backend.render()}"

@@ -302,7 +302,8 @@ class SimAgent:
 
     def stop(self) -> None:
         self.release.set()
-        self.client.stop()
+        if not self.client.stopping.is_set():
+            self.client.stop()
 
     def wait_connected(self, timeout: float = WAIT_S) -> None:
         wait_for(lambda: self.client.connected, f"agent {self.node} to link up ({self.client.state})", timeout)

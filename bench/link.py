@@ -1,0 +1,784 @@
+"""The controller ↔ agent link, side by side in one run; results go to docs/bench/link.json and the
+agent-link section of docs/benchmarks.md (the other sections are kept: bench.report).
+
+  python -m bench.link [--runs 30] [--warmup 1] [--levels 20,100,200] [--push-reps 3] [--lab-budget 150]
+
+1. Approval → first packet, in the lab (tests.lab; needs root): the controller as its own process in the
+   `ctl` namespace (tests.lab.controller.LabController, SQLite, production link timings), the real agent on
+   the router enrolled with a join token, an echo server on rtu1:2404, and an engineer. Each run: a request
+   is made (not timed); then, timed from the approver's POST: approve, the engineer's activate (answered once
+   the node has acknowledged the lane), the one-time config download, bringing the config up, and TCP
+   connects to rtu1:2404 through the lane until one succeeds. Runs alternate between two ways of bringing
+   the config up: `wg setconf` on a wireguard-go interface made beforehand (eng1), and `wg-quick up`, which
+   starts a wireguard-go of its own (eng2). Each run has its own engineer and approver (a step-up code is
+   single-use per person, three per 30 s), and its session is closed afterwards.
+2. One controller and many agents, on loopback: the controller is `wicket-controller serve`'s own code in a
+   process of its own (this module's --controller-worker, which adds a command line on stdin), the agents
+   are `nodeagent.link.LinkClient`s in this process with a fake agent that records when each desired state
+   arrives, each enrolled with its own join token. With 20, 100, 200 agents linked: the controller's RSS,
+   threads and idle CPU; push latency when every node's generation is bumped in one transaction, made
+   by another process (seen by each connection's 0.5 s watch poll) and made inside the controller process
+   (which wakes the connections at once); and the time until every agent is linked again after the
+   controller is restarted.
+Bounded: at most --runs (+ warm-up) lab runs, fewer once --lab-budget seconds have passed (at least
+--min-runs); every wait has a time limit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import queue
+import random
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.report import write_section  # noqa: E402
+
+PASSWORD = "correct horse battery staple"
+TARGET_P50_MS, TARGET_P99_MS = 50.0, 150.0
+MODES = ("precreated", "wg_quick")
+MODE_TEXT = {"precreated": "`wg setconf` on an interface made beforehand", "wg_quick": "`wg-quick up`"}
+FLEET_SITE = "fleet-1"
+PATHS = ("same_process", "cross_process")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="bench.link")
+    p.add_argument("--runs", type=int, default=30, help="measured lab runs (the two ways of bringing the config up alternate)")
+    p.add_argument("--min-runs", type=int, default=12)
+    p.add_argument("--warmup", type=int, default=1, help="unmeasured lab runs per way, first")
+    p.add_argument("--lab-budget", type=float, default=150.0, help="seconds of lab runs before stopping at --min-runs")
+    p.add_argument("--levels", default="20,100,200", help="agents linked to one controller")
+    p.add_argument("--push-reps", type=int, default=4, help="generation bumps per path and level")
+    p.add_argument("--skip-lab", action="store_true")
+    p.add_argument("--skip-fleet", action="store_true")
+    p.add_argument("--out", default=str(REPO / "docs" / "benchmarks.md"))
+    p.add_argument("--report-only", action="store_true", help="rewrite the section from docs/bench/link.json")
+    p.add_argument("--controller-worker", type=int, metavar="API_PORT", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.controller_worker:
+        return controller_worker(args.controller_worker)
+    out = Path(args.out)
+    raw = out.parent / "bench" / "link.json"
+    if args.report_only:
+        write_section(out, "link", report(json.loads(raw.read_text())))
+        return 0
+    levels = [int(x) for x in args.levels.split(",")]
+    if levels != sorted(levels) or levels[0] < 1 or levels[-1] > 500:
+        raise SystemExit("--levels: ascending, from 1 to 500 agents")
+    started = time.monotonic()
+    results: dict = {"params": {k: v for k, v in vars(args).items() if k not in ("out", "report_only", "controller_worker")},
+                     "load_before": os.getloadavg()[0]}
+    if not args.skip_lab:
+        results["lane"] = lane_bench(args, started)
+    if not args.skip_fleet:
+        results["fleet"] = fleet_bench(args, levels, started)
+    results["machine"] = machine()
+    results["load_after"] = os.getloadavg()[0]
+    results["duration_s"] = round(time.monotonic() - started, 1)
+    results = json.loads(json.dumps(results))  # level keys as strings, as report() reads them back from the file
+    results["summary"] = summary(results)
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    raw.write_text(json.dumps(results, indent=1) + "\n")
+    if "lane" in results and "fleet" in results:
+        write_section(out, "link", report(results))
+        print(f"[bench] written to {out} and {raw}")
+    else:
+        print(f"[bench] a partial run: raw numbers in {raw}, {out} left as it was")
+    print(json.dumps(results["summary"], indent=1))
+    return 0
+
+
+# ---- 1. approval → first packet, in the lab ----
+
+
+def lane_bench(args, started: float) -> dict:
+    from tests.lab import Lab, unavailable_reason
+    from tests.lab.controller import LabController
+    from tests.lab.site import AgentProcess, Engineer, serve, wait_for
+
+    reason = unavailable_reason()
+    if reason:
+        raise SystemExit(f"[bench] the lab is unavailable: {reason}")
+    people = args.runs + 2 * args.warmup
+    work = Path(tempfile.mkdtemp(prefix="wicket-bench-link-"))
+    with ExitStack() as stack:
+        stack.callback(shutil.rmtree, work, True)
+        lab = stack.enter_context(Lab(masters=("scada", "ctl")))
+        _say(started, f"lab {lab.run_id} built in {lab.build_seconds:.1f} s; controller set-up with {people} engineers and approvers")
+        # production link timings (heartbeat and ack timeout 10 s, clock tick 1 s): a push does not wait for either
+        ctl = LabController(lab, work / "ctl", engineers=people, default_s=300, heartbeat_s=10, ack_timeout_s=10, tick_ms=1000)
+        stack.callback(ctl.close)
+        ctl.setup()
+        approvers = ["alex"] + [ctl._person(f"appr{i}", "approver").username for i in range(1, people)]
+        engineers = ["erin"] + [f"erin{i}" for i in range(1, people)]
+        agent = AgentProcess(lab)
+        stack.callback(agent.remove_state)
+        stack.callback(agent.stop)
+        t0 = time.monotonic()
+        ctl.start()
+        logins_s = time.monotonic() - t0
+        enrolled = ctl.enrol(agent)
+        if "enrolled as" not in enrolled.stdout:
+            raise SystemExit(f"[bench] enrolment failed: {enrolled.stdout}{enrolled.stderr}")
+        agent.start()
+        if not wait_for(lambda: (agent.status().get("link") or "").startswith("connected"), timeout=15):
+            raise SystemExit(f"[bench] the agent did not link: {agent.status()}\n{agent.log()[-3000:]}")
+        server = serve(lab, "rtu1", tcp=(2404,))
+        stack.callback(server.wait)
+        stack.callback(server.kill)
+        quick = Engineer(lab, "eng2")
+        stack.callback(quick.forget)
+        pre = Precreated(lab, "eng1")
+        stack.callback(shutil.rmtree, pre.dir, True)
+        api = NsThread(lab.ns("ctl"))
+        stack.callback(api.close)
+        api.call(api.open_http)
+        eng_threads = {"eng1": NsThread(lab.ns("eng1")), "eng2": NsThread(lab.ns("eng2"))}
+        for t in eng_threads.values():
+            stack.callback(t.close)
+        device = lab.addr("rtu1")
+        _say(started, f"controller up ({logins_s:.1f} s with the logins), agent linked; lab runs")
+
+        runs: list[dict] = []
+        deadline = time.monotonic() + args.lab_budget
+        total = args.runs + 2 * args.warmup
+        for i in range(total):
+            warm = i < 2 * args.warmup
+            measured = sum(1 for r in runs if not r["warmup"])
+            if not warm and measured >= args.min_runs and time.monotonic() > deadline:
+                _say(started, f"lab budget spent after {measured} runs")
+                break
+            mode = MODES[i % 2]
+            run = one_run(ctl, api, agent, pre if mode == "precreated" else quick, eng_threads["eng1" if mode == "precreated" else "eng2"],
+                          mode, engineers[i], approvers[i], device, i)
+            run["warmup"] = warm
+            runs.append(run)
+            if i % 6 == 5 or i == total - 1:
+                _say(started, f"lab run {i + 1}/{total}: {run['total_ms']} ms ({mode})")
+        out = {"runs": runs, "logins_s": round(logins_s, 1), "lab_build_s": round(lab.build_seconds, 1),
+               "agent_log_errors": [ln for ln in agent.log().splitlines() if " ERROR " in ln][:10]}
+    out["stats"] = lane_stats([r for r in runs if not r["warmup"]])
+    return out
+
+
+def one_run(ctl, api: NsThread, agent, client, eng_thread: NsThread, mode: str, engineer: str, approver: str,
+            device: str, i: int) -> dict:
+    from tests.lab.controller import DEVICE, TASK
+    from tests.lab.site import wait_for
+
+    # not timed: the request, and the two step-up codes (fetched first, so that waiting for a TOTP step never
+    # falls inside the timeline)
+    asked = api.call(api.post, ctl, engineer, "/sessions", step_up=True,
+                     json={"device": DEVICE, "task": TASK, "reason": f"bench run {i}"})
+    if asked.get("state") != "pending_approval":
+        raise SystemExit(f"[bench] run {i}: the request answered {asked}")
+    sid = asked["id"]
+    approve_code, activate_code = ctl.people[approver].code(), ctl.people[engineer].code()
+
+    t0 = time.monotonic()
+    approved = api.call(api.post, ctl, approver, f"/sessions/{sid}/approve", code=approve_code, json={"reason": "bench: checked"})
+    t_approved = time.monotonic()
+    active = api.call(api.post, ctl, engineer, f"/sessions/{sid}/activate", code=activate_code, json={})
+    t_active = time.monotonic()
+    conf = api.call(api.get_text, ctl, engineer, f"/sessions/{sid}/config")
+    t_config = time.monotonic()
+    client.up(conf)
+    t_up = time.monotonic()
+    attempts = eng_thread.call(first_connect, device, 2404)
+    t1 = time.monotonic()
+
+    if approved.get("state") != "approved" or active.get("state") != "active" or "[Peer]" not in conf:
+        raise SystemExit(f"[bench] run {i}: approve {approved}, activate {active}, config {conf[:200]!r}")
+    ack_ms = _ack_ms(ctl, sid)
+    # not timed: the session closed, the lane gone from the node, the client taken down
+    api.call(api.post, ctl, engineer, f"/sessions/{sid}/close", json={"reason": "bench run over"})
+    if not wait_for(lambda: agent.lane(sid) is None, timeout=10):
+        raise SystemExit(f"[bench] run {i}: the lane of {sid} outlived its session")
+    client.down()
+    return {"mode": mode, "session": sid, "approve_ms": _ms(t_approved - t0), "activate_ms": _ms(t_active - t_approved),
+            "config_ms": _ms(t_config - t_active), "up_ms": _ms(t_up - t_config), "connect_ms": _ms(t1 - t_up),
+            "connect_attempts": attempts, "controller_agent_ms": _ms(t_active - t0), "config_to_packet_ms": _ms(t1 - t_active),
+            "total_ms": _ms(t1 - t0), "ack_ms": ack_ms}
+
+
+def _ack_ms(ctl, sid: str) -> float | None:
+    """From the controller's audit events: the activation's start (its `session.activate` event) to the node's
+    acknowledgement of the lane (`session.open`), on the controller's clock."""
+    from sqlalchemy import select
+
+    from controller.models import Event
+
+    with ctl.app.state.auth.factory() as s:
+        at = dict(s.execute(select(Event.type, Event.at).where(Event.subject == sid, Event.result == "success",
+                                                                Event.type.in_(("session.activate", "session.open")))).all())
+    if "session.activate" not in at or "session.open" not in at:
+        return None
+    return _ms((at["session.open"] - at["session.activate"]).total_seconds())
+
+
+def first_connect(host: str, port: int, limit_s: float = 10.0) -> int:
+    """TCP connects until one succeeds (runs inside the engineer's namespace); how many it took."""
+    end = time.monotonic() + limit_s
+    attempts = 0
+    while True:
+        attempts += 1
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.settimeout(1.0)
+        try:
+            s.connect((host, port))
+            return attempts
+        except OSError as exc:
+            if time.monotonic() > end:
+                raise TimeoutError(f"no TCP connect to {host}:{port} through the lane in {limit_s:g} s: {exc}") from None
+            time.sleep(0.002)
+        finally:
+            s.close()
+
+
+class Precreated:
+    """The engineer's WireGuard client made once (wireguard-go, up): each run only loads the session's
+    config into it (`wg setconf` with the wg-quick-only lines left out) and sets the address and the route,
+    in one shell in the engineer's namespace."""
+
+    def __init__(self, lab, role: str):
+        from tests.lab.site import wait_for
+
+        self.lab, self.role = lab, role
+        self.ifname = lab.engineer_ifname(role)
+        self.dir = tempfile.mkdtemp(prefix=f"wicket-bench-{lab.run_id}-{role}-")
+        env = {**os.environ, "WG_PROCESS_FOREGROUND": "1"}
+        lab.spawn(role, ["wireguard-go", "-f", self.ifname], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if not wait_for(lambda: os.path.exists(f"/var/run/wireguard/{self.ifname}.sock"), timeout=10):
+            raise SystemExit(f"[bench] wireguard-go for {self.ifname} did not start")
+        lab.exec(role, ["ip", "link", "set", self.ifname, "mtu", "1420", "up"])
+        self.peer = ""
+
+    def up(self, conf: str) -> None:
+        kept, address, device = [], "", ""
+        for line in conf.splitlines():
+            key, _, value = (x.strip() for x in line.partition("="))
+            if key == "Address":
+                address = value
+                continue
+            if key == "AllowedIPs":
+                device = value
+            if key == "PublicKey":
+                self.peer = value
+            if line.strip() and not line.lstrip().startswith("#"):
+                kept.append(line)
+        path = os.path.join(self.dir, "wg.conf")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write("\n".join(kept) + "\n")
+        script = (f"wg setconf {self.ifname} {path} && ip address replace {address} dev {self.ifname} && "
+                  f"ip route replace {device} dev {self.ifname}")
+        self.lab.exec(self.role, ["sh", "-c", script])
+
+    def down(self) -> None:
+        """Not timed: the session's peer and address removed, as the next session's config replaces them."""
+        if self.peer:
+            self.lab.exec(self.role, ["wg", "set", self.ifname, "peer", self.peer, "remove"], check=False)
+        self.lab.exec(self.role, ["ip", "address", "flush", "dev", self.ifname], check=False)
+        os.unlink(os.path.join(self.dir, "wg.conf"))
+
+
+class NsThread:
+    """A thread inside one lab namespace that runs what it is handed: sockets it makes (an HTTP client's
+    kept-alive connection) stay in that namespace, and no thread is started per call."""
+
+    def __init__(self, netns: str):
+        from tests.lab.nsutil import in_netns
+
+        self.jobs: queue.Queue = queue.Queue()
+        self.http = None
+        self.thread = threading.Thread(target=in_netns, args=(netns, self._serve), daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            fn, args, kw, box, done = job
+            try:
+                box["result"] = fn(*args, **kw)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                box["error"] = exc
+            done.set()
+
+    def call(self, fn, *args, **kw):
+        box, done = {}, threading.Event()
+        self.jobs.put((fn, args, kw, box, done))
+        done.wait()
+        if "error" in box:
+            raise box["error"]
+        return box["result"]
+
+    def close(self) -> None:
+        if self.http is not None:
+            self.call(self.http.close)
+        self.jobs.put(None)
+        self.thread.join(5)
+
+    # ---- the controller's API (run on the thread inside `ctl`) ----
+
+    def open_http(self) -> None:
+        import httpx
+
+        self.http = httpx.Client(base_url="http://127.0.0.1:8080/api/v1", timeout=60, trust_env=False)
+
+    def _headers(self, ctl, who: str, code: str | None, step_up: bool) -> dict:
+        headers = {"Authorization": f"Bearer {ctl.people[who].token}"}
+        if step_up or code:
+            headers["X-Wicket-TOTP"] = code or ctl.people[who].code()
+        return headers
+
+    def post(self, ctl, who: str, path: str, *, json: dict, step_up: bool = False, code: str | None = None) -> dict:
+        res = self.http.post(path, json=json, headers=self._headers(ctl, who, code, step_up))
+        if res.status_code not in (200, 201):
+            raise SystemExit(f"[bench] POST {path} as {who}: {res.status_code} {res.text}\n{ctl.log()[-3000:]}")
+        return res.json()
+
+    def get_text(self, ctl, who: str, path: str) -> str:
+        res = self.http.get(path, headers=self._headers(ctl, who, None, False))
+        if res.status_code != 200:
+            raise SystemExit(f"[bench] GET {path} as {who}: {res.status_code} {res.text}")
+        return res.text
+
+
+def lane_stats(runs: list[dict]) -> dict:
+    keys = ("approve_ms", "activate_ms", "ack_ms", "config_ms", "up_ms", "connect_ms", "controller_agent_ms",
+            "config_to_packet_ms", "total_ms")
+    out: dict = {"all": {k: stats([r[k] for r in runs if r[k] is not None]) for k in keys}}
+    for mode in MODES:
+        mine = [r for r in runs if r["mode"] == mode]
+        if mine:
+            out[mode] = {k: stats([r[k] for r in mine if r[k] is not None]) for k in keys}
+            out[mode]["connect_attempts_max"] = max(r["connect_attempts"] for r in mine)
+    return out
+
+
+# ---- 2. one controller, many agents, on loopback ----
+
+
+def fleet_bench(args, levels: list[int], started: float) -> dict:
+    from controller.app import create_app
+    from controller.bootstrap import init
+    from controller.inventory_schemas import SiteCreate
+    from controller.nodelink import NoLink
+    from controller.settings import load
+
+    logging.getLogger("wicket.agent.link").setLevel(logging.ERROR)  # each client's reconnect notices, times 200
+    work = Path(tempfile.mkdtemp(prefix="wicket-bench-fleet-"))
+    most = levels[-1]
+    sims: list[SimAgent] = []
+    with ExitStack() as stack:
+        stack.callback(shutil.rmtree, work, True)
+        api_port, link_port = _free_port(), _free_port()
+        env = {"WICKET_DATA_DIR": str(work / "data"), "WICKET_DATABASE_URL": f"sqlite:///{work / 'controller.db'}",
+               "WICKET_LINK_LISTEN": f"127.0.0.1:{link_port}", "WICKET_LINK_NAMES": "127.0.0.1"}
+        settings = load({**env, "WICKET_LINK_LISTEN": "off", "WICKET_SESSION_TICK_MS": "0"})
+        boot = init(settings, "root", "Root", PASSWORD)
+        app = create_app(settings, link=NoLink())
+        stack.callback(app.state.engine.dispose)
+        root = _login_root(app, boot)
+        app.state.inventory.create_site(root, SiteCreate(
+            name=FLEET_SITE, display_name="Fleet", tunnel_pool="100.64.8.0/24", port_min=51000, port_max=51099,
+            public_endpoint="203.0.113.1", lan_networks=["192.0.2.0/24"]), None)
+        tokens = [app.state.agents.create_token(root, FLEET_SITE, None, None).token for _ in range(most)]
+
+        ctl = ControllerProc(env, api_port, work / "controller.log")
+        stack.callback(ctl.stop)
+        stack.callback(_stop_sims, sims, ctl)  # runs first: the clients told to stop, then the controller
+        ctl.start()
+        out: dict = {"start_s": round(ctl.start_s, 2)}
+        _say(started, f"fleet: controller up in {ctl.start_s:.1f} s; enrolling {most} agents")
+        enrol_s = []
+        for i, token in enumerate(tokens):
+            sim = SimAgent(f"fleet-{i:03d}", work / "agents" / f"{i:03d}")
+            t0 = time.monotonic()
+            sim.enrol(f"127.0.0.1:{link_port}", token)
+            enrol_s.append(time.monotonic() - t0)
+            sims.append(sim)
+        out["enrol"] = latency(enrol_s) | {"total_s": round(sum(enrol_s), 2)}
+        ctl.stop()
+
+        engine, factory = _db(env["WICKET_DATABASE_URL"])
+        stack.callback(engine.dispose)
+        out["levels"] = {}
+        for level in levels:
+            # each level from a fresh controller and fresh link clients: nothing carried over from the last
+            ctl.start()
+            time.sleep(2.0)
+            row: dict = {"linked": level, "start_s": round(ctl.start_s, 2), "rss_fresh_kb": ctl.rss_kb(),
+                         "threads_fresh": ctl.threads()}
+            _say(started, f"fleet: {level} agents linking at once")
+            here = sims[:level]
+            t0 = time.monotonic()
+            for sim in here:
+                sim.start()
+            row["connect"] = latency(_wait_arrivals(here, t0, 60, f"{level} new links"))
+            time.sleep(3.0)
+            row["rss_kb"], row["threads"] = ctl.rss_kb(), ctl.threads()
+            row["idle_cpu"] = _idle_cpu(ctl, 5.0)
+            row["push"] = push_rounds(ctl, factory, here, args.push_reps)
+            row["rss_after_push_kb"] = ctl.rss_kb()
+            _say(started, f"fleet: {level} agents: pushes done; restarting the controller")
+            row["restart"] = restart(ctl, here)
+            time.sleep(3.0)
+            row["rss_restarted_kb"] = ctl.rss_kb()
+            if level == most:
+                _say(started, f"fleet: {level} agents: restarting the controller once more")
+                row["restart_again"] = restart(ctl, here)
+            _stop_sims(here, ctl)
+            out["levels"][level] = row
+        out["controller_log_errors"] = _errors(ctl.log())
+    return out
+
+
+def push_rounds(ctl: ControllerProc, factory, sims: list[SimAgent], reps: int) -> dict:
+    """Every node's generation bumped in one transaction, `reps` times per path, the paths taking turns:
+    made in the controller process (it wakes each connection) and made here, in another process with its
+    own database connection (each connection's watch poll finds it). Latency: commit → the agent's apply."""
+    from controller.db import transaction
+    from controller.session_lanes import bump
+
+    names = [s.name for s in sims]
+    took: dict = {p: [] for p in PATHS}
+    last: dict = {p: [] for p in PATHS}
+    for rep in range(reps):
+        for path in (PATHS if rep % 2 == 0 else PATHS[::-1]):
+            # past one watch period, so no connection is still busy with the last round; and at a random point of
+            # the connections' 0.5 s watch cycle (a wake-up puts them all in step)
+            time.sleep(random.uniform(0.7, 1.2))
+            before = {s.name: s.gen for s in sims}
+            if path == "same_process":
+                t0 = ctl.bump(names)
+            else:
+                with transaction(factory) as s:
+                    for name in names:
+                        bump(s, name)
+                t0 = time.monotonic()
+            times = _wait_arrivals(sims, t0, 30, f"{path} push", after=before)
+            took[path] += times
+            last[path].append(_ms(max(times)))
+    return {p: latency(took[p]) | {"last_ms": last[p]} for p in PATHS}
+
+
+def restart(ctl: ControllerProc, sims: list[SimAgent]) -> dict:
+    """SIGTERM (the controller says goodbye on every link), start again, and wait until every agent has its
+    state pushed on a new link; per agent, from the moment the new controller answered its health check."""
+    connects = {s.name: s.client.connects for s in sims}
+    t0 = time.monotonic()
+    ctl.stop()
+    t_down = time.monotonic()
+    ctl.start()
+    t_up = time.monotonic()
+    times = _wait_arrivals(sims, t_up, 90, "re-links", since=t_down)
+    again = sum(1 for s in sims if s.client.connects > connects[s.name])
+    if again != len(sims):
+        raise SystemExit(f"[bench] only {again} of {len(sims)} agents made a new link")
+    return {"stop_s": round(t_down - t0, 2), "start_s": round(t_up - t_down, 2), "relink": latency(times),
+            "all_after_stop_s": round(t_up - t0 + max(times), 2)}
+
+
+class SimAgent:
+    """An enrolled agent without a data plane: the real link client, and a fake agent behind it that takes
+    every desired state at once and records when it arrived (monotonic)."""
+
+    arrived = threading.Condition()
+
+    def __init__(self, name: str, state_dir: Path):
+        self.name, self.dir = name, state_dir
+        self.gen: int | None = None
+        self.arrivals: list[tuple[float, int]] = []
+        self.client = None
+
+    def enrol(self, controller: str, token: str) -> None:
+        from nodeagent.enroll import enroll
+
+        (self.dir / "evidence").mkdir(parents=True)
+        enroll(str(self.dir), controller, token, self.name)
+
+    def start(self) -> None:
+        from nodeagent.link import LinkClient
+
+        self.arrivals = []
+        self.client = LinkClient(str(self.dir), self.submit, str(self.dir / "evidence"), time.monotonic, time.time)
+        self.client.start()
+
+    def submit(self, request: dict) -> dict:
+        from nodeagent.wire import ReconcileReport
+
+        op = request["op"]
+        if op == "apply":
+            now, generation = time.monotonic(), request["desired"].generation
+            with self.arrived:
+                self.arrivals.append((now, generation))
+                self.gen = generation
+                self.arrived.notify_all()
+            return {"ok": True, "report": ReconcileReport(generation=generation).model_dump(mode="json"), "status": self.status()}
+        if op == "applied_generation":
+            return {"ok": True, "generation": self.gen, "boot_id": "bench"}
+        if op == "status":
+            return {"ok": True, "status": self.status()}
+        return {"ok": True}
+
+    def status(self) -> dict:
+        from nodeagent.wire import AgentStatus
+
+        return AgentStatus(node_id=self.name, agent_version="bench", backend="userspace", applied_generation=self.gen, lanes=[],
+                           pending_evidence=0, clock_synchronized=True, link=self.client.describe() if self.client else None
+                           ).model_dump(mode="json")
+
+
+def _wait_arrivals(sims: list[SimAgent], t0: float, limit_s: float, what: str, *, after: dict | None = None,
+                   since: float | None = None) -> list[float]:
+    """Seconds from t0 to each agent's first desired state newer than `after[name]` (or arrived after `since`)."""
+    since = t0 if since is None else since
+
+    def first(s: SimAgent) -> float | None:
+        for at, gen in s.arrivals:
+            if at >= since and (after is None or after[s.name] is None or gen > after[s.name]):
+                return at
+        return None
+
+    end = time.monotonic() + limit_s
+    with SimAgent.arrived:
+        while True:
+            got = [first(s) for s in sims]
+            if all(x is not None for x in got):
+                return [at - t0 for at in got]
+            left = end - time.monotonic()
+            if left <= 0:
+                missing = [s.name for s, x in zip(sims, got, strict=True) if x is None]
+                raise SystemExit(f"[bench] {what}: {len(missing)} of {len(sims)} agents got nothing in {limit_s:g} s "
+                                 f"(e.g. {missing[:5]}: {[s.client.describe() for s in sims if s.name in missing[:3]]})")
+            SimAgent.arrived.wait(min(left, 0.5))
+
+
+def _stop_sims(sims: list[SimAgent], ctl: ControllerProc) -> None:
+    """LinkClient.stop only returns once its session ends, which a connected client notices when the controller
+    next speaks: tell every client first, then stop the controller (its goodbye ends them all)."""
+    for s in sims:
+        if s.client is not None:
+            s.client.stopping.set()
+    ctl.stop()
+    for s in sims:
+        if s.client is not None:
+            s.client.thread.join(10)
+            s.client = None
+
+
+class ControllerProc:
+    """The controller as its own process on loopback: `wicket-controller serve`, via --controller-worker."""
+
+    def __init__(self, env: dict, api_port: int, log_path: Path):
+        self.env, self.api_port, self.log_path = env, api_port, log_path
+        self.proc: subprocess.Popen | None = None
+        self.start_s = 0.0
+
+    def start(self, timeout: float = 60) -> None:
+        import httpx
+
+        t0 = time.monotonic()
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "bench.link", "--controller-worker", str(self.api_port)],
+                                         cwd=REPO, env={**os.environ, **self.env}, stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=log, text=True)
+        while time.monotonic() < t0 + timeout:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"[bench] the controller exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.api_port}/healthz", timeout=2, trust_env=False).status_code == 200:
+                    self.start_s = time.monotonic() - t0
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.02)
+        raise SystemExit(f"[bench] the controller did not come up:\n{self.log()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout):
+            f.close()
+
+    def bump(self, names: list[str]) -> float:
+        """Bump the nodes' generations inside the controller process and wake their links; when it committed."""
+        self.proc.stdin.write(json.dumps({"bump": names}) + "\n")
+        self.proc.stdin.flush()
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise SystemExit(f"[bench] the controller worker went away:\n{self.log()[-3000:]}")
+            if line.startswith("@bench "):
+                return float(json.loads(line[7:])["committed"])
+
+    def _status(self, key: str) -> int:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+        raise SystemExit(f"[bench] no {key} for the controller")
+
+    def rss_kb(self) -> int:
+        return self._status("VmRSS")
+
+    def threads(self) -> int:
+        return self._status("Threads")
+
+    def cpu_s(self) -> float:
+        return _cpu_of(self.proc.pid)
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text()
+        except OSError:
+            return ""
+
+
+def controller_worker(api_port: int) -> int:
+    """`wicket-controller serve --host 127.0.0.1 --port API_PORT`, and one more thread: for each JSON line
+    {"bump": [node, …]} on stdin, the nodes' generations bumped in one transaction and their links woken, as
+    the controller's own code does after it changes nodes' lanes; answers the commit time on stdout."""
+    import controller.app as app_module
+    from controller import server_cli
+
+    made: dict = {}
+    real = app_module.create_app
+
+    def create_app(*a, **kw):
+        made["app"] = real(*a, **kw)
+        return made["app"]
+
+    def commands() -> None:
+        from controller.db import transaction
+        from controller.session_lanes import bump
+
+        for line in sys.stdin:
+            names = json.loads(line)["bump"]
+            state = made["app"].state
+            with transaction(state.auth.factory) as s:
+                for name in names:
+                    bump(s, name)
+            committed = time.monotonic()
+            state.sessions.pusher.push_quietly(names)
+            print("@bench " + json.dumps({"committed": committed}), flush=True)
+
+    app_module.create_app = create_app
+    threading.Thread(target=commands, name="bench-commands", daemon=True).start()
+    return server_cli.main(["serve", "--host", "127.0.0.1", "--port", str(api_port)])
+
+
+def _idle_cpu(ctl: ControllerProc, seconds: float) -> dict:
+    """CPU time over wall time while nothing happens but the links' own traffic: the controller, and this
+    process (the simulated agents)."""
+    c0, b0, t0 = ctl.cpu_s(), _cpu_of(os.getpid()), time.monotonic()
+    time.sleep(seconds)
+    wall = time.monotonic() - t0
+    return {"controller": round((ctl.cpu_s() - c0) / wall, 3), "agents": round((_cpu_of(os.getpid()) - b0) / wall, 3),
+            "seconds": round(wall, 1)}
+
+
+def _errors(log: str) -> list[str]:
+    """The controller log's ERROR records, each with the lines that follow it (a traceback, a task)."""
+    lines, out = log.splitlines(), []
+    for i, line in enumerate(lines):
+        if " ERROR " in line and len(out) < 10:
+            out.append("\n".join([line, *lines[i + 1:i + 6]]))
+    return out
+
+
+def _cpu_of(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _db(url: str):
+    from controller.db import make_engine, session_factory
+
+    engine = make_engine(url)
+    return engine, session_factory(engine)
+
+
+def _login_root(app, boot):
+    import pyotp
+
+    secret = re.search(r"secret=([A-Z2-7]+)", boot.enrolment.otpauth_uri).group(1)
+    return app.state.auth.login("root", PASSWORD, code=pyotp.TOTP(secret).now()).principal
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---- numbers ----
+
+
+def latency(seconds: list[float]) -> dict:
+    return stats([_ms(x) for x in seconds])
+
+
+def stats(ms: list[float]) -> dict:
+    """Median, p99 (nearest rank: the ceil(0.99 n)-th fastest, which is the slowest up to n = 100) and the
+    slowest, in ms."""
+    if not ms:
+        return {"n": 0}
+    ordered = sorted(ms)
+    return {"p50": round(statistics.median(ordered), 2), "p99": ordered[math.ceil(0.99 * len(ordered)) - 1],
+            "max": ordered[-1], "n": len(ordered)}
+
+
+def machine() -> dict:
+    from bench.lanes import machine as lanes_machine
+    from bench.policy import machine as policy_machine
+
+    return policy_machine(None) | {"wireguard_go": lanes_machine()["wireguard_go"]}
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 2)
+
+
+def _say(started: float, what: str) -> None:
+    print(f"[bench] {time.monotonic() - started:5.1f} s  {what}", flush=True)
+
+
+def summary(r: dict) -> dict:
+    return {}
+
+
+def report(r: dict) -> str:
+    return ""
+
+
+if __name__ == "__main__":
+    sys.exit(main())
