@@ -114,6 +114,15 @@ class AgentCA:
     def server_context(self, names: list[str], work_dir: Path) -> ssl.SSLContext:
         """The link listener's TLS context: a fresh controller certificate; client certificates optional at
         the TLS layer (enrolment comes without one) and required by the link for everything else."""
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        ctx.verify_mode = ssl.CERT_OPTIONAL
+        ctx.load_verify_locations(cadata=self.pem)
+        self.load_server_cert(ctx, names, work_dir)
+        return ctx
+
+    def load_server_cert(self, ctx: ssl.SSLContext, names: list[str], work_dir: Path) -> datetime:
+        """Put a fresh controller certificate into `ctx` (new handshakes use it); its end."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.now(UTC)
         sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(CONTROLLER_URI)]
@@ -131,10 +140,6 @@ class AgentCA:
                 .add_extension(x509.SubjectAlternativeName(sans), critical=False)
                 .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False)
                 .sign(self.key, hashes.SHA256()))
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-        ctx.verify_mode = ssl.CERT_OPTIONAL
-        ctx.load_verify_locations(cadata=self.pem)
         # load_cert_chain reads files only: a private temporary pair, removed at once
         work_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd, path = tempfile.mkstemp(dir=work_dir, prefix=".link-", suffix=".pem")
@@ -145,7 +150,7 @@ class AgentCA:
             ctx.load_cert_chain(path)
         finally:
             os.unlink(path)
-        return ctx
+        return cert.not_valid_after_utc
 
 
 def peer_node(der: bytes | None) -> tuple[str, str, datetime] | None:

@@ -65,7 +65,8 @@ from .nodelink import LinkElsewhere, LinkError
 from .session_lanes import desired_state
 
 log = logging.getLogger("wicket.controller.link")
-WATCH_S = 0.5  # how often a connection looks for a generation another replica made
+WATCH_S = 0.5  # how often the links look for a generation another replica made
+SERVER_CERT_RENEW_S = 24 * 3600
 FIRST_FRAME_S = 10.0
 
 
@@ -92,9 +93,11 @@ class LinkServer:
     `applied(node, generation, report, status)`, `evidence(node, record)`."""
 
     def __init__(self, agents: Agents, ssl_context: ssl.SSLContext, *, heartbeat_s: float = 10.0,
-                 ack_timeout_s: float = 10.0, replica: str | None = None):
+                 ack_timeout_s: float = 10.0, replica: str | None = None, renew_server_cert=None):
         self.agents, self.factory, self.ctx = agents, agents.factory, ssl_context
         self.heartbeat_s, self.ack_timeout_s = heartbeat_s, ack_timeout_s
+        # (ctx) -> None: loads a fresh controller certificate; the link's own lasts 30 days, renewed daily
+        self.renew_server_cert = renew_server_cert
         # Stable across restarts of this controller, so a restart after a crash marks its links down.
         self.replica = replica or socket.gethostname()[:64]
         self.on_applied = lambda node, generation, report, status: None
@@ -225,6 +228,9 @@ class LinkServer:
         except FrameError as exc:
             log.warning("link from %s: %s", peer, exc)
             await _send_quietly(writer, Goodbye(reason=str(exc), retry=True))
+        except EnrolmentRefused as exc:  # the certificate was revoked or ran out while the link was up
+            log.warning("link to %s closed: %s", conn.node if conn else peer, exc)
+            await _send_quietly(writer, Goodbye(reason=str(exc), retry=False))
         finally:
             if conn is not None:
                 await self._gone(conn)
@@ -257,8 +263,9 @@ class LinkServer:
             await _send(writer, Goodbye(reason=f"the certificate is for {node}, not {hello.node_id}", retry=False))
             return None
         if not OLDEST_SERVED <= hello.protocol_version <= PROTOCOL_VERSION:
+            fix = "upgrade the agent" if hello.protocol_version < OLDEST_SERVED else "upgrade the controller first"
             await _send(writer, Goodbye(reason=f"agent protocol v{hello.protocol_version}: this controller serves "
-                                               f"v{OLDEST_SERVED} to v{PROTOCOL_VERSION}; upgrade the agent", retry=False))
+                                               f"v{OLDEST_SERVED} to v{PROTOCOL_VERSION}; {fix}", retry=False))
             return None
         try:
             await asyncio.to_thread(self._link_up, hello, serial, peer)
@@ -391,9 +398,18 @@ class LinkServer:
             await asyncio.to_thread(self._link_down, conn)
 
     async def _poll_generations(self) -> None:
-        """Generations made elsewhere (another replica, `wicket-controller` tools): one query for all links."""
+        """Generations made elsewhere (another replica, `wicket-controller` tools): one query for all links.
+        Also renews the listener's own certificate once a day."""
+        next_renewal = time.monotonic() + SERVER_CERT_RENEW_S
         while True:
             await asyncio.sleep(WATCH_S)
+            if self.renew_server_cert is not None and time.monotonic() >= next_renewal:
+                next_renewal = time.monotonic() + SERVER_CERT_RENEW_S
+                try:
+                    await asyncio.to_thread(self.renew_server_cert, self.ctx)
+                    log.info("agent link: controller certificate renewed")
+                except Exception:  # noqa: BLE001 - the current one still has weeks left
+                    log.exception("agent link: renewing the controller certificate failed")
             conns = dict(self.conns)
             if not conns:
                 continue
@@ -513,7 +529,8 @@ class LinkServer:
             try:
                 with s.begin_nested():
                     s.add(LaneEvidenceRecord(node=conn.node, ident=msg.ident, session_id=ev.session_id, end_reason=ev.end_reason.value,
-                                             body=ev.model_dump(mode="json"), signature=msg.signature, received_at=now))
+                                             body=ev.model_dump(mode="json"), signature=msg.signature,
+                                             verified_with=agent.evidence_public_key, received_at=now))
             except IntegrityError:
                 return True  # another replica stored it in the same moment
             events.record(s, at=now, category="evidence", type="lane.evidence", result="success", actor=f"agent:{conn.node}",

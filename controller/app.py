@@ -82,7 +82,8 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time, en
         elif settings.link_listen:
             link = LinkServer(app.state.agents, ca.server_context(list(settings.link_names), settings.keys_dir),
                               heartbeat_s=settings.link_heartbeat_s, ack_timeout_s=settings.ack_timeout_s,
-                              replica=settings.replica_id or None)
+                              replica=settings.replica_id or None,
+                              renew_server_cert=lambda ctx: ca.load_server_cert(ctx, list(settings.link_names), settings.keys_dir))
         else:
             link = NoLink()
     pusher = Pusher(factory, link, auth.now)

@@ -261,6 +261,7 @@ class LaneEvidenceRecord(Base):
     end_reason: Mapped[str] = mapped_column(String(32))
     body: Mapped[dict] = mapped_column(JSON)
     signature: Mapped[str] = mapped_column(String(128))
+    verified_with: Mapped[str] = mapped_column(String(64))  # the agent's evidence key then: it may re-enrol with another
     received_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
 

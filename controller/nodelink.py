@@ -1,10 +1,10 @@
 """How the controller hands a node its desired state, and reads back what the node enforces.
 
-The live, mutually authenticated link between controller and agent is the agent-link issue. Until it
-lands, the controller speaks to an agent on the same machine through the agent's local control socket
-(`LocalSocketLink`) — a transport for the lab and tests, **not for production**: it needs the
-controller and the agent on one host, as root. Without any link configured, activation fails with a
-clear error and nothing opens.
+In production that is the agent link (`controller.agent_link.LinkServer`): agents enrol, dial out over
+mutually authenticated TLS and are pushed their state. For the lab and tests the controller can instead
+speak to an agent on the same machine through the agent's local control socket (`LocalSocketLink`,
+**not for production**: it needs the controller and the agent on one host, as root). Without any link
+configured, activation fails with a clear error and nothing opens.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ class NoLink:
     """No agent link is configured: nothing can be handed to a node."""
 
     def push(self, desired: DesiredNodeState) -> ReconcileReport:
-        raise LinkError(f"no link to node {desired.node_id}: this controller has no agent transport configured "
-                        "(WICKET_AGENT_SOCKETS, lab only, until agents connect to the controller)")
+        raise LinkError(f"no link to node {desired.node_id}: this controller serves no agent link "
+                        "(WICKET_LINK_LISTEN is off)")
 
     def status(self, node: str) -> AgentStatus:
         raise LinkError(f"no link to node {node}")

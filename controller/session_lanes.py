@@ -142,6 +142,12 @@ class Pusher:
     def push(self, node: str) -> ReconcileReport | None:
         """Hand over the node's newest generation (None: it already has it). Raises LinkError when the node
         cannot be reached or refuses."""
+        if self.self_pushing:
+            # the live link orders pushes per connection; one node's slow acknowledgement must not hold up
+            # activations at every other node of this replica
+            with self.factory() as s:
+                desired = desired_state(s, node)
+            return self.link.push(desired)
         with self._lock:
             with self.factory() as s:
                 desired = desired_state(s, node)

@@ -55,7 +55,7 @@ class Settings:
     link_names: tuple[str, ...] = ()  # host names / addresses agents dial, put in the link certificate
     agent_cert_ttl_s: int = 24 * 3600  # agent client certificates; renewed over the link at half their life
     join_token_ttl_s: int = 3600
-    link_heartbeat_s: int = 10  # pings both ways; a link silent for 3 of these is dropped
+    link_heartbeat_s: int = 10  # the controller pings this often; a link silent for 3 of these is dropped
     ack_timeout_s: int = 10  # how long an activation waits for the node to acknowledge the lane
     replica_id: str = ""  # names this controller replica in link records; default: the host name
 

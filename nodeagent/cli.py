@@ -108,7 +108,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("-o", "--output", help="write here (0600) instead of stdout")
     g.set_defaults(func=_engineer_config)
 
-    d = sub.add_parser("doctor", help="check this node's kernel, nftables, WireGuard, conntrack and clock")
+    d = sub.add_parser("doctor", help="check this node's kernel, nftables, WireGuard, conntrack, clock and controller link")
     d.add_argument("--json", action="store_true")
     d.set_defaults(func=_doctor)
 
@@ -191,6 +191,8 @@ def _submitter(agent):
 def _enroll(cfg, args) -> int:
     from .enroll import enroll
 
+    if not args.token and sys.stdin.isatty():
+        print("join token (from `wicket sites join-token`): ", end="", file=sys.stderr, flush=True)
     token = args.token if args.token else sys.stdin.readline().strip()
     node = args.node_id or cfg.node_id
     done = enroll(cfg.state_dir, args.controller, token, node, force=args.force)

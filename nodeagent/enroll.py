@@ -82,6 +82,9 @@ class LinkFiles:
             os.close(fd)
         os.replace(tmp, self.root / name)
 
+    def replace(self, src: str, dst: str) -> None:
+        os.replace(self.root / src, self.root / dst)
+
     def evidence_key(self) -> Ed25519PrivateKey:
         return serialization.load_pem_private_key((self.root / "evidence.key").read_bytes(), password=None)
 

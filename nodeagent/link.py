@@ -112,11 +112,14 @@ class LinkClient:
     async def _forever(self) -> None:
         failures = 0
         while not self.stopping.is_set():
+            was_up = self.connects
             why = await self._session()
             self.connected = False
+            self._renewing = None  # a renewal asked on a link that dropped is asked again on the next
             if self.stopping.is_set():
                 return
-            failures = 0 if why == "ok" else failures + 1
+            # a link that was up and dropped is retried soon; only failures in a row back off
+            failures = 1 if self.connects > was_up else failures + 1
             pause = min(MAX_BACKOFF_S, 2.0 ** min(failures, 6) / 2) * (0.75 + random.random() / 2)
             self.state = f"disconnected ({why})"
             log.warning("link to the controller down (%s); trying again in %.1f s", why, pause)
@@ -129,11 +132,15 @@ class LinkClient:
 
     async def _session(self) -> str:
         host, port = self.info["host"], self.info["port"]
+        expired = self._certificate_expired()
+        if expired:
+            log.error("%s", expired)
+            return expired
         try:
             ctx = self._context()
             reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, ssl=ctx), 10)
         except (OSError, ssl.SSLError, TimeoutError) as exc:
-            return f"connect: {exc}"
+            return f"connect: {str(exc) or type(exc).__name__}"
         self._writer = writer
         try:
             ca = x509.load_pem_x509_certificate(Path(self.files.path("ca.pem")).read_bytes())
@@ -185,8 +192,10 @@ class LinkClient:
             await self._ask({"op": "evidence", "ack": msg.ident})
         elif isinstance(msg, Certificate):
             if self._renewing is not None:
-                self.files.write("tls.key", self._renewing)
+                # key first under a side name: a crash between the renames leaves a pair `_context` can mend
+                self.files.write("tls.key.next", self._renewing)
                 self.files.write("tls.pem", msg.certificate_pem)
+                self.files.replace("tls.key.next", "tls.key")
                 self._renewing = None
                 log.info("certificate renewed until %s", msg.not_after.isoformat())
         elif isinstance(msg, Ping):
@@ -225,7 +234,10 @@ class LinkClient:
         if self._renewing is not None:
             return
         cert = self.files.certificate()
-        start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+        # half of the life left when this agent received it (the certificate's not-before is backdated
+        # for clock skew, so it cannot be the start)
+        got = datetime.fromtimestamp(Path(self.files.path("tls.pem")).stat().st_mtime, UTC)
+        start, end = max(cert.not_valid_before_utc, min(got, cert.not_valid_after_utc)), cert.not_valid_after_utc
         if datetime.now(UTC) < start + (end - start) / 2:
             return
         key, csr = new_tls_key()
@@ -242,8 +254,24 @@ class LinkClient:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_REQUIRED
         ctx.load_verify_locations(cafile=self.files.path("ca.pem"))
-        ctx.load_cert_chain(self.files.path("tls.pem"), self.files.path("tls.key"))
+        try:
+            ctx.load_cert_chain(self.files.path("tls.pem"), self.files.path("tls.key"))
+        except ssl.SSLError:
+            if not (self.files.root / "tls.key.next").exists():
+                raise
+            self.files.replace("tls.key.next", "tls.key")  # a renewal interrupted between its two renames
+            ctx.load_cert_chain(self.files.path("tls.pem"), self.files.path("tls.key"))
         return ctx
+
+    def _certificate_expired(self) -> str | None:
+        try:
+            end = self.files.certificate().not_valid_after_utc
+        except (OSError, ValueError) as exc:
+            return f"cannot read this agent's certificate: {exc}"
+        if end <= datetime.now(UTC):
+            return (f"this agent's certificate expired at {end.isoformat()}: the controller refuses it; a site admin makes "
+                    "a new join token and the agent enrols again (`wicket-agent enroll --force`)")
+        return None
 
     async def _ask(self, request: dict) -> dict:
         return await asyncio.to_thread(self.submit, request)

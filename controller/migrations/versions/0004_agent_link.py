@@ -59,6 +59,7 @@ def upgrade() -> None:
         sa.Column("end_reason", sa.String(32), nullable=False),
         sa.Column("body", sa.JSON(), nullable=False),
         sa.Column("signature", sa.String(128), nullable=False),
+        sa.Column("verified_with", sa.String(64), nullable=False),
         sa.Column("received_at", sa.DateTime(), nullable=False),
         sa.UniqueConstraint("node", "ident"),
     )
