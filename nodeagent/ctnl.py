@@ -39,6 +39,8 @@ CTA_IP_V4_SRC, CTA_IP_V4_DST, CTA_IP_V6_SRC, CTA_IP_V6_DST = 1, 2, 3, 4
 CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT = 1, 2, 3
 CTA_COUNTERS_PACKETS, CTA_COUNTERS_BYTES = 1, 2
 CTA_TIMESTAMP_START, CTA_TIMESTAMP_STOP = 1, 2
+CTA_PROTOINFO_TCP, CTA_PROTOINFO_TCP_STATE = 1, 1
+TCP_FINISHED = {7, 8}  # TIME_WAIT, CLOSE: the connection ended; only its conntrack entry lingers
 
 PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "ipv6-icmp", 132: "sctp"}
 
@@ -58,6 +60,12 @@ class Flow:
     bytes_reply: int
     start_ns: int | None
     stop_ns: int | None
+    tcp_state: int | None = None  # conntrack's TCP state, when the kernel reports it
+
+    @property
+    def finished(self) -> bool:
+        """A TCP connection that had already ended (FIN/RST seen) when its entry was read."""
+        return self.tcp_state in TCP_FINISHED
 
     @property
     def proto_name(self) -> str:
@@ -182,7 +190,18 @@ def parse_flow(payload: bytes) -> Flow | None:
         bytes_reply=br,
         start_ns=start or None,
         stop_ns=stop or None,
+        tcp_state=_tcp_state(attrs.get(CTA_PROTOINFO)),
     )
+
+
+def _tcp_state(buf: bytes | None) -> int | None:
+    if not buf:
+        return None
+    tcp = parse_attrs(buf).get(CTA_PROTOINFO_TCP)
+    if not tcp:
+        return None
+    state = parse_attrs(tcp).get(CTA_PROTOINFO_TCP_STATE)
+    return u8(state) if state else None
 
 
 def _tuple(buf: bytes) -> tuple[str, str, int, int | None, int | None]:

@@ -37,6 +37,7 @@ def flow_to_dict(flow: Flow) -> dict:
         "id": flow.id, "mark": flow.mark, "proto": flow.proto, "src": flow.src, "dst": flow.dst,
         "sport": flow.sport, "dport": flow.dport, "po": flow.packets_orig, "bo": flow.bytes_orig,
         "pr": flow.packets_reply, "br": flow.bytes_reply, "start": flow.start_ns, "stop": flow.stop_ns,
+        "finished": flow.finished,
     }
 
 
@@ -117,13 +118,16 @@ def _merge_flows(h: Harvest, rules: LaneRules | None) -> tuple[list[FlowRecord],
     seen: dict[int, tuple[bool, FlowRecord]] = {}
     transport_mark = rules.transport_mark if rules else None
     cut = {f.id for f in h.cut_flows} | {f.id for f in h.cut_transport}
+    # A TCP connection already closed (TIME_WAIT) whose entry the teardown flushed ended on its own.
     for d in h.ended_flows:
-        was_cut = d.get("cut") or d["id"] in cut
-        seen[d["id"]] = (d["mark"] == transport_mark, _record(d, "cut" if was_cut else "ended"))
+        flushed = d.get("cut") or d["id"] in cut
+        if flushed and d.get("finished"):
+            d = {**d, "stop": None}  # it ended before the teardown, when exactly conntrack no longer says
+        seen[d["id"]] = (d["mark"] == transport_mark, _record(d, "cut" if flushed and not d.get("finished") else "ended"))
     for f in h.cut_flows:
-        seen.setdefault(f.id, (False, _record(flow_to_dict(f), "cut")))
+        seen.setdefault(f.id, (False, _record(flow_to_dict(f), "ended" if f.finished else "cut")))
     for f in h.cut_transport:
-        seen.setdefault(f.id, (True, _record(flow_to_dict(f), "cut")))
+        seen.setdefault(f.id, (True, _record(flow_to_dict(f), "ended" if f.finished else "cut")))
     data = sorted((r for t, r in seen.values() if not t), key=_order)
     transport = sorted((r for t, r in seen.values() if t), key=_order)
     return data, transport

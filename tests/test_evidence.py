@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 import pytest
 
 from nodeagent.ctnl import Flow
-from nodeagent.evidence import Harvest, build_evidence, flow_to_dict
+from nodeagent.evidence import Harvest, _merge_flows, build_evidence, flow_to_dict
 from nodeagent.firewall import LaneRules
 from nodeagent.naming import Naming, data_mark, transport_mark
 from nodeagent.state import LaneRecord
@@ -85,8 +85,19 @@ def test_flow_to_dict_round_trip_fields():
     f = flow(7, stop=T0 + 20)
     assert flow_to_dict(f) == {
         "id": 7, "mark": DATA, "proto": 6, "src": "100.64.0.2", "dst": "192.0.2.10", "sport": 40000, "dport": 2404,
-        "po": 1, "bo": 100, "pr": 1, "br": 100, "start": (T0 + 10) * NS, "stop": (T0 + 20) * NS,
+        "po": 1, "bo": 100, "pr": 1, "br": 100, "start": (T0 + 10) * NS, "stop": (T0 + 20) * NS, "finished": False,
     }
+
+
+def test_a_finished_tcp_connection_flushed_at_teardown_is_recorded_as_ended(clock):
+    # a connection that closed during the lane lingers in conntrack (TIME_WAIT); the teardown flushes it
+    lingering = Flow(4, DATA, 6, "100.64.0.2", "192.0.2.10", 40004, 2404, 3, 300, 3, 300, (T0 + 10) * NS, None, tcp_state=7)
+    open_one = Flow(5, DATA, 6, "100.64.0.2", "192.0.2.10", 40005, 2404, 3, 300, 3, 300, (T0 + 11) * NS, None, tcp_state=3)
+    flushed_event = {**flow_to_dict(lingering), "stop": (T0 + 600) * NS, "cut": True}
+    data, _ = _merge_flows(Harvest(ended_flows=[flushed_event], cut_flows=[open_one]), None)
+    by_port = {r.sport: r for r in data}
+    assert by_port[40004].observed == "ended" and by_port[40004].stop is None
+    assert by_port[40005].observed == "cut"
 
 
 def test_ended_and_cut_flows_merge_by_conntrack_id(clock):
