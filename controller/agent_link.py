@@ -23,7 +23,7 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
@@ -86,6 +86,7 @@ class _Conn:
     send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     closed: bool = False
     force: bool = True  # the next wake sends the full state even at a generation already sent
+    replaced: bool = False
 
 
 class LinkServer:
@@ -150,6 +151,10 @@ class LinkServer:
             self.server.close()
             for conn in list(self.conns.values()):
                 await self._close(conn, "controller stopping")
+            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in others:
+                task.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
 
         try:
             asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(10)
@@ -277,9 +282,10 @@ class LinkServer:
                      applied=hello.applied_generation)
         self.conns[node] = conn
         if old is not None:
+            old.replaced = True
             await self._close(old, "replaced by a newer connection from the same agent")
         await _send(writer, Welcome(protocol_version=conn.version, controller_version=__version__, heartbeat_s=self.heartbeat_s,
-                                    server_time=datetime.now(UTC)))
+                                    server_time=datetime.now(UTC)), conn.version)
         conn.wake.set()  # a full push on every (re)connection: level-triggered, and it acknowledges what the node holds
         return conn
 
@@ -391,10 +397,10 @@ class LinkServer:
         log.info("link to %s closed: %s", conn.node, reason)
 
     async def _gone(self, conn: _Conn) -> None:
-        was_current = self.conns.get(conn.node) is conn
         await self._close(conn, "connection ended")
-        if was_current:
-            self.statuses.pop(conn.node, None)
+        if not conn.replaced:  # a newer connection of the same agent holds the row now
+            if self.conns.get(conn.node) is None:
+                self.statuses.pop(conn.node, None)
             await asyncio.to_thread(self._link_down, conn)
 
     async def _poll_generations(self) -> None:
@@ -440,7 +446,7 @@ class LinkServer:
                 # the node holds a generation this database never made (restored from a backup, say): move past it,
                 # so the next push is newer than anything the node took
                 agent.generation = hello.applied_generation + 1
-            events.record(s, at=now, category="agent", type="agent.link_up", result="success", actor=f"agent:{hello.node_id}",
+            events.record(s, at=now, category="agent", type="agent.link_up", result="success", actor=events.agent_actor(hello.node_id),
                           subject=hello.node_id, source=peer, replica=self.replica, agent_version=hello.agent_version[:32],
                           protocol_version=hello.protocol_version, applied_generation=hello.applied_generation)
 
@@ -449,7 +455,7 @@ class LinkServer:
         with transaction(self.factory) as s:
             s.execute(update(NodeAgent).where(NodeAgent.name == conn.node, NodeAgent.link_replica == self.replica)
                       .values(connected=False))
-            events.record(s, at=now, category="agent", type="agent.link_down", result="success", actor=f"agent:{conn.node}",
+            events.record(s, at=now, category="agent", type="agent.link_down", result="success", actor=events.agent_actor(conn.node),
                           subject=conn.node, source=conn.peer, replica=self.replica)
 
     def _mark_all_down(self) -> None:
@@ -520,7 +526,7 @@ class LinkServer:
                     base64.b64decode(msg.signature), evidence_bytes(msg.ident, ev))
             except (InvalidSignature, binascii.Error, ValueError, TypeError):
                 log.warning("evidence %s from %s: the signature does not verify; refused", msg.ident, conn.node)
-                events.record(s, at=now, category="evidence", type="lane.evidence", result="failure", actor=f"agent:{conn.node}",
+                events.record(s, at=now, category="evidence", type="lane.evidence", result="failure", actor=events.agent_actor(conn.node),
                               subject=ev.session_id, reason="bad_signature", ident=msg.ident)
                 return False
             if s.scalar(select(LaneEvidenceRecord.id).where(LaneEvidenceRecord.node == conn.node,
@@ -533,7 +539,7 @@ class LinkServer:
                                              verified_with=agent.evidence_public_key, received_at=now))
             except IntegrityError:
                 return True  # another replica stored it in the same moment
-            events.record(s, at=now, category="evidence", type="lane.evidence", result="success", actor=f"agent:{conn.node}",
+            events.record(s, at=now, category="evidence", type="lane.evidence", result="success", actor=events.agent_actor(conn.node),
                           subject=ev.session_id, ident=msg.ident, end_reason=ev.end_reason.value,
                           closed_at=ev.closed_at.isoformat(), lateness_ms=ev.lateness_ms,
                           bytes_out=ev.totals.bytes_out, bytes_in=ev.totals.bytes_in, flows=len(ev.flows),
@@ -551,7 +557,8 @@ class LinkServer:
         if row.enrolled_at is None:
             raise LinkError(f"node {node} has not enrolled: a site admin makes a join token and runs "
                             "`wicket-agent enroll` on the router")
-        if row.connected and row.link_replica != self.replica:
+        fresh = row.last_seen is not None and row.last_seen > datetime.now(UTC) - timedelta(seconds=3 * self.heartbeat_s)
+        if row.connected and row.link_replica != self.replica and fresh:
             raise LinkElsewhere(f"node {node} is linked to replica {row.link_replica}")
         seen = row.last_seen.isoformat() if row.last_seen else "never"
         raise LinkError(f"node {node} is not connected to the controller (last seen {seen})")
@@ -562,8 +569,8 @@ async def _read(reader: asyncio.StreamReader):
     return decode_frame(await reader.readexactly(n))
 
 
-async def _send(writer: asyncio.StreamWriter, msg) -> None:
-    writer.write(encode_frame(msg))
+async def _send(writer: asyncio.StreamWriter, msg, version: int = PROTOCOL_VERSION) -> None:
+    writer.write(encode_frame(msg, version))
     await writer.drain()
 
 

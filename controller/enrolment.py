@@ -163,7 +163,7 @@ class Agents:
             except CsrError as exc:
                 raise _Refuse(str(exc)) from None
             s.add(AgentCertificate(serial=issued.serial, node=node, issued_at=now, not_after=issued.not_after))
-            events.record(s, at=now, category="agent", type="agent.enrol", result="success", actor=f"agent:{node}", subject=node,
+            events.record(s, at=now, category="agent", type="agent.enrol", result="success", actor=events.agent_actor(node), subject=node,
                           source=source, site=site.name, join_token_id=ident, certificate=issued.serial,
                           not_after=_iso(issued.not_after), agent_version=agent_version[:32])
             return Enrolment(node, site.name, issued)
@@ -178,7 +178,7 @@ class Agents:
             except CsrError as exc:
                 raise EnrolmentRefused(str(exc)) from None
             s.add(AgentCertificate(serial=issued.serial, node=node, issued_at=now, not_after=issued.not_after))
-            events.record(s, at=now, category="agent", type="agent.certificate_renew", result="success", actor=f"agent:{node}",
+            events.record(s, at=now, category="agent", type="agent.certificate_renew", result="success", actor=events.agent_actor(node),
                           subject=node, source=source, certificate=issued.serial, previous=serial, not_after=_iso(issued.not_after))
             return issued
 
@@ -246,7 +246,7 @@ class Agents:
             revoked = s.execute(update(AgentCertificate).where(AgentCertificate.node == node, AgentCertificate.revoked_at.is_(None))
                                 .values(revoked_at=now)).rowcount
             events.record(s, at=now, category="agent", type="agent.revoke", result="success", actor_id=caller.user_id,
-                          actor=caller.username, subject=node, source=source, site=site.name, reason=reason[:300],
+                          actor=caller.username, subject=node, source=source, site=site.name, note=reason[:300],
                           certificates_revoked=revoked)
         self.on_revoke(node)
 
@@ -262,8 +262,8 @@ class Agents:
 
     def _refusal(self, ident: str | None, node: str, source: str | None, why: str) -> None:
         with transaction(self.factory) as s:
-            events.record(s, at=self.auth.now(), category="agent", type="agent.enrol", result="failure", actor=f"agent:{node}",
-                          subject=node, source=source, join_token_id=ident, reason=why[:300])
+            events.record(s, at=self.auth.now(), category="agent", type="agent.enrol", result="failure", actor=events.agent_actor(node),
+                          subject=node, source=source, join_token_id=ident, reason="refused", detail=why[:300])
 
 
 class _Refuse(EnrolmentRefused):

@@ -16,6 +16,12 @@ log = logging.getLogger("wicket.controller.events")
 FORBIDDEN_KEYS = ("password", "token", "code", "secret", "otp")
 
 
+def agent_actor(node: str) -> str:
+    """How a node agent is named as an actor: "agent:<node>", or the node's name alone when that is too long
+    for the column (the subject carries the name in full)."""
+    return f"agent:{node}" if len(node) <= 58 else node
+
+
 def record(
     session: Session,
     *,

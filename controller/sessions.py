@@ -316,7 +316,7 @@ class Sessions:
                 lane = observed.get(row.id)
                 if lane is not None and lane.node_public_key:
                     _move(row, S.active, node_public_key=lane.node_public_key)
-                    events.record(s, at=now, category="session", type="session.open", result="success", actor=f"agent:{node}",
+                    events.record(s, at=now, category="session", type="session.open", result="success", actor=events.agent_actor(node),
                                   subject=row.id, node=node, generation=generation, listen_port=lane.listen_port,
                                   **_context(row))
                 else:
@@ -364,7 +364,7 @@ class Sessions:
                 row.engineer_public_key, row.key_mode = None, None
             session_lanes.bump(s, node)
             events.record(s, at=now, category="session", type="session.activate", result="failure",
-                          actor_id=caller.user_id if caller else None, actor=caller.username if caller else f"agent:{node}",
+                          actor_id=caller.user_id if caller else None, actor=caller.username if caller else events.agent_actor(node),
                           subject=sid, source=source, reason="lane_failed", error=error[:300],
                           state=row.state, node=node, **_context(row))
         scrub(self.factory.kw["bind"])

@@ -279,6 +279,10 @@ class Agent:
                 # not bring it back. Hard expiry holds for lanes that never opened too.
                 self.state.mark_closed(spec.session_id, spec.end_time.timestamp())
                 continue
+            if rec is None and self._control_lost():
+                refused.append(f"lane {spec.session_id} not opened: strict mode, the controller has been silent for "
+                               f"{self.link.silent_for():.0f} s")
+                continue
             if rec is None:
                 if clock_ok is None:
                     clock_ok, clock_why = self.clock_check()
@@ -297,6 +301,9 @@ class Agent:
             self.state.mark_closed(session_id, end_time)
         elif reason == EndReason.removed:
             self.state.mark_removed(session_id, revision, self.clock.wall())
+
+    def _control_lost(self) -> bool:
+        return bool(self.cfg.strict_after_s and self.link is not None and self.link.silent_for() >= self.cfg.strict_after_s)
 
     def _strict_mode(self) -> None:
         """Strict mode: once the controller has been silent for `strict_after_s`, every lane ends (and stays

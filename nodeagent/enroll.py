@@ -99,15 +99,19 @@ def parse_controller(text: str) -> tuple[str, int]:
         if rest.startswith(scheme):
             rest = rest[len(scheme):]
     rest = rest.rstrip("/")
-    if "://" in rest or not rest:
+    if "://" in rest or "/" in rest or not rest:
         raise EnrolError(f"--controller {text!r}: write HOST:PORT (the controller's agent link, default port {DEFAULT_PORT})")
     if rest.startswith("["):
         host, _, port = rest[1:].partition("]")
         port = port.lstrip(":")
+    elif rest.count(":") > 1:
+        raise EnrolError(f"--controller {text!r}: write an IPv6 address in brackets, [ADDRESS]:PORT")
     else:
         host, sep, port = rest.rpartition(":")
         if not sep:
             host, port = rest, ""
+    if not host:
+        raise EnrolError(f"--controller {text!r}: the host is missing")
     try:
         number = int(port) if port else DEFAULT_PORT
     except ValueError:

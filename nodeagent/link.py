@@ -51,6 +51,7 @@ from .wire import (
 
 log = logging.getLogger("wicket.agent.link")
 STATUS_EVERY_S = 5.0
+PING_S = 2.0
 MAX_BACKOFF_S = 30.0
 LINK = object()  # marks requests that came over the link (the control socket cannot forge an object)
 
@@ -74,6 +75,7 @@ class LinkClient:
         self.thread: threading.Thread | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._renewing: bytes | None = None
+        self._final = False  # the controller said not to retry (it is retried anyway, at the longest pause)
         self.connects = 0
 
     # ---- life ----
@@ -84,8 +86,17 @@ class LinkClient:
 
     def stop(self) -> None:
         self.stopping.set()
-        if self.loop is not None:
-            self.loop.call_soon_threadsafe(lambda: None)
+        if self.loop is not None and self._writer is not None:
+            writer = self._writer
+
+            def close() -> None:
+                writer.write(encode_frame(Goodbye(reason="agent stopping"), self.version))
+                writer.close()  # ends the read the link thread waits in
+
+            try:
+                self.loop.call_soon_threadsafe(close)
+            except RuntimeError:
+                pass  # the loop has ended already
         if self.thread:
             self.thread.join(5)
         self._persist_contact()
@@ -118,8 +129,11 @@ class LinkClient:
             self._renewing = None  # a renewal asked on a link that dropped is asked again on the next
             if self.stopping.is_set():
                 return
-            # a link that was up and dropped is retried soon; only failures in a row back off
+            # a link that was up and dropped is retried soon; only failures in a row back off; a refusal that
+            # will not change by itself (revoked, unsupported version) waits the longest
             failures = 1 if self.connects > was_up else failures + 1
+            if self._final:
+                failures, self._final = 6, False
             pause = min(MAX_BACKOFF_S, 2.0 ** min(failures, 6) / 2) * (0.75 + random.random() / 2)
             self.state = f"disconnected ({why})"
             log.warning("link to the controller down (%s); trying again in %.1f s", why, pause)
@@ -150,6 +164,7 @@ class LinkClient:
                                    applied_generation=applied.get("generation"), boot_id=applied.get("boot_id")))
             welcome = await asyncio.wait_for(self._read(reader), 15)
             if isinstance(welcome, Goodbye):
+                self._final = not welcome.retry
                 return f"refused: {welcome.reason}"
             if not isinstance(welcome, Welcome):
                 return f"unexpected {welcome.kind}"
@@ -164,6 +179,7 @@ class LinkClient:
                     msg = await asyncio.wait_for(self._read(reader), welcome.heartbeat_s * 3)
                     self._heard()
                     if isinstance(msg, Goodbye):
+                        self._final = not msg.retry
                         return f"controller closed the link: {msg.reason}"
                     await self._handle(msg)
                 return "ok"
@@ -202,18 +218,29 @@ class LinkClient:
             await self._send(Pong(sent=msg.sent))
 
     async def _chores(self, heartbeat: float) -> None:
-        """Status, evidence and renewal while connected."""
-        next_status = 0.0
+        """Status, evidence, renewal and the agent's own pings while connected. One failing chore is logged
+        and retried; it must not silence the others while the link stays up."""
+        next_status = next_ping = 0.0
         sent: set[str] = set()
         while True:
             now = time.monotonic()
-            if now >= next_status:
-                next_status = now + min(STATUS_EVERY_S, heartbeat)
-                answer = await self._ask({"op": "status"})
-                if answer.get("ok"):
-                    await self._send(AgentStatus.model_validate(answer["status"]))
-            await self._deliver_evidence(sent)
-            await self._renew_if_due()
+            try:
+                if now >= next_ping:
+                    # the controller answers at once: strict mode then hears it every PING_S, whatever its heartbeat
+                    next_ping = now + PING_S
+                    await self._send(Ping(sent=time.time()))
+                if now >= next_status:
+                    next_status = now + min(STATUS_EVERY_S, heartbeat)
+                    answer = await self._ask({"op": "status"})
+                    if answer.get("ok"):
+                        await self._send(AgentStatus.model_validate(answer["status"]))
+                await self._deliver_evidence(sent)
+                await self._renew_if_due()
+            except (ConnectionError, OSError):
+                raise
+            except Exception:  # noqa: BLE001 - logged; the next turn tries again
+                log.exception("link chore failed")
+                await asyncio.sleep(5)
             await asyncio.sleep(0.25)
 
     async def _deliver_evidence(self, sent: set[str]) -> None:
@@ -227,8 +254,11 @@ class LinkClient:
                 continue
             key = key or self.files.evidence_key()
             sig = base64.b64encode(key.sign(evidence_bytes(p.stem, ev))).decode()
-            await self._send(SignedEvidence(ident=p.stem, evidence=ev, signature=sig))
             sent.add(p.stem)
+            try:
+                await self._send(SignedEvidence(ident=p.stem, evidence=ev, signature=sig))
+            except ValueError as exc:  # larger than a frame: kept on disk for `wicket-agent evidence`, not retried here
+                log.error("evidence %s cannot be sent over the link: %s", p.stem, exc)
 
     async def _renew_if_due(self) -> None:
         if self._renewing is not None:

@@ -21,6 +21,7 @@ import binascii
 import hashlib
 import ipaddress
 import json
+import re
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Literal
@@ -574,10 +575,7 @@ def parse_token(token: str) -> tuple[str, str, str]:
     if len(parts) != 4 or parts[0] != TOKEN_PREFIX:
         raise ValueError("not a wicket join token (expected wkj1.<id>.<secret>.<pin>)")
     _, ident, secret, pin = parts
-    if not (len(ident) == 12 and ident.isalnum() and 20 <= len(secret) <= 64 and len(pin) == 64):
+    if not (re.fullmatch(r"[a-z0-9]{12}", ident) and re.fullmatch(r"[A-Za-z0-9_-]{20,64}", secret)
+            and re.fullmatch(r"[0-9a-fA-F]{64}", pin)):
         raise ValueError("malformed join token")
-    try:
-        int(pin, 16)
-    except ValueError:
-        raise ValueError("malformed join token") from None
     return ident, secret, pin.lower()

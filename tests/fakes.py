@@ -239,6 +239,11 @@ class FakeFlow:
     bytes_reply: int = 800
     start_ns: int | None = 1_800_000_000_000_000_000
     stop_ns: int | None = None
+    tcp_state: int | None = 3  # ESTABLISHED
+
+    @property
+    def finished(self) -> bool:
+        return self.tcp_state in (7, 8)
 
 
 @dataclass

@@ -5,6 +5,7 @@ an in-process LinkServer on loopback."""
 from __future__ import annotations
 
 import errno
+import os
 import re
 import socket
 import ssl
@@ -176,9 +177,6 @@ def test_strict_mode_without_a_link_does_nothing(node):
     assert set(node.backend.boxes) == node.names(specs)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: nodeagent/agent.py:301-319 (_strict_mode) only closes lanes that are open; "
-                                       "_wants (agent.py:282-290) still opens a listed lane while the controller is silent past "
-                                       "strict_after_s, and the next tick ends it again with control_lost")
 def test_strict_mode_opens_no_new_lane_while_control_is_lost(node):
     node.cfg.strict_after_s = 30
     link = node.agent.link = FakeLink()
@@ -296,9 +294,6 @@ def test_parse_controller_refuses_with_a_message_naming_the_input(text, message)
     assert str(info.value).startswith(f"--controller {text!r}: ") and message in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: nodeagent/enroll.py:92-114 (parse_controller) splits an unbracketed IPv6 "
-                                       "address at its last colon (fd00::1 → host 'fd00:', port 1), takes a URL path into "
-                                       "the host name, and accepts an empty host")
 @pytest.mark.parametrize("text", ["fd00::1", "tls://ctl.example/agent", "ctl.example/agent", ":7443", "tls://:7443"])
 def test_parse_controller_refuses_what_it_would_misread(text):
     with pytest.raises(EnrolError):
@@ -501,7 +496,8 @@ class Ctl:
         return LinkFiles.of(state)
 
     def past_half_life(self, files: LinkFiles, node: str) -> x509.Certificate:
-        """Replace the agent's certificate (same key) with one issued 90 minutes ago for 2 hours, recorded as enrolment does."""
+        """Replace the agent's certificate (same key) with one issued and received 90 minutes ago for 2 hours, recorded as
+        enrolment does."""
         key = serialization.load_pem_private_key(Path(files.path("tls.key")).read_bytes(), password=None)
         csr = (x509.CertificateSigningRequestBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "a")]))
                .sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM).decode())
@@ -510,6 +506,7 @@ class Ctl:
         with transaction(self.agents.factory) as s:
             s.add(AgentCertificate(serial=issued.serial, node=node, issued_at=then, not_after=issued.not_after))
         files.write("tls.pem", issued.pem)
+        os.utime(files.path("tls.pem"), (then.timestamp(), then.timestamp()))  # and received then
         return files.certificate()
 
 
@@ -619,8 +616,8 @@ def test_last_contact_survives_a_restart_of_the_link_client(ctl, tmp_path):
     # and strict mode counts those 110 s: a 60-s limit ends the lanes at the first tick
     node = Node(tmp_path / "node")
     node.cfg.strict_after_s = 60
+    node.apply([lane(0, node.clock)])  # opened before the link is attached: a silent link opens nothing new
     node.agent.link = restarted
-    node.apply([lane(0, node.clock)])
     node.agent.tick()
     assert node.backend.boxes == {} and [e.end_reason for e in node.evidence()] == [EndReason.control_lost]
 
@@ -651,9 +648,21 @@ def test_renews_a_certificate_past_half_its_life(ctl, tmp_path):
         assert files.certificate().serial_number == new.serial_number, "not renewed again: it is fresh"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: nodeagent/link.py:225,232 (_renew_if_due) — `_renewing` is set when the renew "
-                                       "frame goes out and cleared (link.py:190) only by a certificate on the same connection; if the link "
-                                       "drops in between, no later connection renews again and the certificate runs out")
+def test_a_short_lived_certificate_is_not_renewed_at_once(ctl, tmp_path, monkeypatch):
+    """Half the life counts from when the agent received the certificate: its not-before is backdated for clock skew,
+    so with the shortest TTL (120 s, backdated 5 min) counting from there would renew on every turn of the link."""
+    monkeypatch.setattr(ctl.agents, "cert_ttl", timedelta(seconds=120))
+    files = ctl.enrol("rtr-short", tmp_path)
+    first = files.certificate()
+    assert first.not_valid_before_utc + (first.not_valid_after_utc - first.not_valid_before_utc) / 2 < datetime.now(UTC)
+    client, side = client_for(tmp_path, "rtr-short")
+    with running(client):
+        wait_until(lambda: client.connected, 10, "link up")
+        wait_until(lambda: side.applied, 5, "the first push")
+        time.sleep(1.0)  # four turns of the link's chores
+    assert files.certificate().serial_number == first.serial_number
+
+
 def test_renewal_is_retried_after_the_link_dropped_during_it(ctl, tmp_path, monkeypatch):
     files = ctl.enrol("rtr-rd", tmp_path)
     old = ctl.past_half_life(files, "rtr-rd")
@@ -673,25 +682,38 @@ def test_renewal_is_retried_after_the_link_dropped_during_it(ctl, tmp_path, monk
     assert _same_key(files)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: nodeagent/link.py:188-189 writes the renewed tls.key and then tls.pem as two "
-                                       "files; when the second write fails (disk full) the pair no longer matches and every "
-                                       "later connection fails in _context() (load_cert_chain, link.py:245): the agent is locked out")
-def test_a_failed_certificate_write_does_not_lock_the_agent_out(ctl, tmp_path, monkeypatch):
-    files = ctl.enrol("rtr-df", tmp_path)
-    ctl.past_half_life(files, "rtr-df")
-    real_write, failed = LinkFiles.write, []
+@pytest.mark.parametrize("step", [1, 2, 3])
+def test_a_renewal_interrupted_at_any_file_step_leaves_a_pair_the_agent_connects_with(ctl, tmp_path, monkeypatch, step):
+    """The disk fills at the n-th file operation of storing a renewed certificate: the agent still connects with a
+    matching key and certificate (the reconnection reads them from disk, as a restarted agent would), and renews again."""
+    node = f"rtr-df{step}"
+    files = ctl.enrol(node, tmp_path)
+    old = ctl.past_half_life(files, node)
+    real_write, real_replace, ops, failed = LinkFiles.write, LinkFiles.replace, [], []
 
-    def write(self, name, data):
-        if name == "tls.pem" and not failed:
+    def counted(name: str) -> None:
+        if name == "last_contact":
+            return
+        ops.append(name)
+        if len(ops) == step and not failed:
             failed.append(name)
             raise OSError(errno.ENOSPC, "No space left on device")
+
+    def write(self, name, data):
+        counted(name)
         return real_write(self, name, data)
 
+    def replace(self, src, dst):
+        counted(f"{src}->{dst}")
+        return real_replace(self, src, dst)
+
     monkeypatch.setattr(LinkFiles, "write", write)
-    client, _ = client_for(tmp_path, "rtr-df")
+    monkeypatch.setattr(LinkFiles, "replace", replace)
+    client, _ = client_for(tmp_path, node)
     with running(client):
-        wait_until(lambda: failed, 10, "the renewal reaching the write")
-        wait_until(lambda: client.connects >= 2 and client.connected, 3, "the link back after the failed write")
+        wait_until(lambda: failed, 10, f"file operation {step} of the renewal")
+        wait_until(lambda: client.connects >= 2 and client.connected, 4, "the link back after the failed write")
+        wait_until(lambda: files.certificate().serial_number != old.serial_number, 3, "a renewal after the failed one")
     assert _same_key(files)
 
 
@@ -706,9 +728,6 @@ def _evidence(node: str, flows: int) -> LaneEvidence:
         transport=[], blocked=[], wireguard=None)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: nodeagent/link.py:195-208 (_chores) has no error handling: one evidence record "
-                                       "that encode_frame refuses (over MAX_FRAME) ends the task silently, so status, every later "
-                                       "evidence record and renewal stop while the link stays up — again on every reconnect")
 def test_an_oversized_evidence_record_does_not_stop_status_evidence_and_renewal(ctl, tmp_path, monkeypatch):
     files = ctl.enrol("rtr-big", tmp_path)
     old = ctl.past_half_life(files, "rtr-big")
@@ -724,10 +743,6 @@ def test_an_oversized_evidence_record_does_not_stop_status_evidence_and_renewal(
         wait_until(lambda: files.certificate().serial_number != old.serial_number, 2, "a renewal")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: nodeagent/agent.py:306-307 with nodeagent/link.py:261-265 — strict mode counts from "
-                                       "the last frame heard, and on a healthy link the controller is heard only at its pings "
-                                       "(every heartbeat_s, default 10 s); config.py:58 allows strict_after_s from 5 s, so a "
-                                       "limit below the heartbeat ends every lane on a link that is up")
 def test_a_healthy_link_does_not_trip_the_smallest_strict_limit(ctl, tmp_path):
     ctl.enrol("rtr-hb", tmp_path / "a")
     client, _ = client_for(tmp_path / "a", "rtr-hb")

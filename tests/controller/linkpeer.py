@@ -100,15 +100,11 @@ class LinkHarness(Harness):
         self.peers: list[Peer] = []
 
     def close(self) -> None:
-        for sim in self.sims:
-            sim.stop()
         for peer in self.peers:
             peer.close()
-        if self.link.loop is not None:  # let the connections wind down before the loop goes
-            deadline = time.monotonic() + 2
-            while self.link.conns and time.monotonic() < deadline:
-                time.sleep(0.02)
-        self.quiesce()
+        self.quiesce()  # its goodbyes wake the agents' link clients, which would otherwise wait for the next frame
+        for sim in self.sims:
+            sim.stop()
         self.app.state.engine.dispose()
 
     def quiesce(self) -> None:

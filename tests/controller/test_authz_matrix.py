@@ -38,8 +38,10 @@ from sqlalchemy import delete, func, select
 
 from controller.models import (
     AccessSession,
+    AgentCertificate,
     Device,
     Event,
+    JoinToken,
     LaneLease,
     NodeAgent,
     PolicyVersion,
@@ -65,6 +67,7 @@ MISSING_ASSET = "NO-SUCH-ASSET"
 TASK = "iec104-diagnostics"
 APPROVAL_TASK = "der-commissioning"  # one approver
 NO_SESSION = "s-aaaaaaaaaaaa"  # a well-formed session ID that no session has
+MISSING_TOKEN = "nosuchtoken0"  # a well-formed join token ID that no token has
 
 CALLERS = ("anon", "garbage", "forged", "engineer", "engineer_s2", "contractor", "approver", "site_admin",
            "site_admin_s2", "soc", "admin")
@@ -112,6 +115,24 @@ _ROWS = {
     "DELETE /api/v1/sites/{name}/agents/{agent} @missing":         (401, 401, 401, 404, 404, 404, 404, 404, 404, 404, 404),
     "DELETE /api/v1/sites/{name}/agents/{agent} @south-agent-via-north":
                                                                    (401, 401, 401, 403, 404, 403, 403, 404, 404, 403, 404),
+    # enrolling agents: a site's join tokens are its site_admin's or an admin's to make (step-up) and to list, others who
+    # see the site are refused (403); revoking one is for them too, and for everyone else the token is not there (404).
+    # The agents' link state: site_admin, soc, admin see it (a list shows others nothing); revoking an agent: site_admin
+    # there or admin (step-up), and like removing it, refused with 403 to whoever sees the site that lists it.
+    "POST /api/v1/sites/{name}/join-tokens @north":                (401, 401, 401, 403, 404, 403, 403, 201, 404, 403, 201),
+    "POST /api/v1/sites/{name}/join-tokens @south":                (401, 401, 401, 404, 403, 404, 404, 404, 201, 403, 201),
+    "POST /api/v1/sites/{name}/join-tokens @missing":              (401, 401, 401, 404, 404, 404, 404, 404, 404, 404, 404),
+    "GET /api/v1/sites/{name}/join-tokens @north":                 (401, 401, 401, 403, 404, 403, 403, 200, 404, 403, 200),
+    "GET /api/v1/sites/{name}/join-tokens @south":                 (401, 401, 401, 404, 403, 404, 404, 404, 200, 403, 200),
+    "GET /api/v1/sites/{name}/join-tokens @missing":               (401, 401, 401, 404, 404, 404, 404, 404, 404, 404, 404),
+    "DELETE /api/v1/join-tokens/{token_id} @north":                (401, 401, 401, 404, 404, 404, 404, 204, 404, 404, 204),
+    "DELETE /api/v1/join-tokens/{token_id} @south":                (401, 401, 401, 404, 404, 404, 404, 404, 204, 404, 204),
+    "DELETE /api/v1/join-tokens/{token_id} @missing":              (401, 401, 401, 404, 404, 404, 404, 404, 404, 404, 404),
+    "GET /api/v1/agents":                                          (401, 401, 401, 200, 200, 200, 200, 200, 200, 200, 200),
+    "GET /api/v1/agents @south":                                   (401, 401, 401, 200, 200, 200, 200, 200, 200, 200, 200),
+    "POST /api/v1/agents/{agent}/revoke @north":                   (401, 401, 401, 403, 404, 403, 403, 204, 404, 403, 204),
+    "POST /api/v1/agents/{agent}/revoke @south":                   (401, 401, 401, 404, 403, 404, 404, 404, 204, 403, 204),
+    "POST /api/v1/agents/{agent}/revoke @missing":                 (401, 401, 401, 404, 404, 404, 404, 404, 404, 404, 404),
     # devices: the same scoping; export: site_admin, soc, admin (of what they can read)
     "GET /api/v1/devices":                                         (401, 401, 401, 200, 200, 200, 200, 200, 200, 200, 200),
     "GET /api/v1/devices @south":                                  (401, 401, 401, 200, 200, 200, 200, 200, 200, 200, 200),
@@ -250,6 +271,7 @@ STEP_UP = {"POST /api/v1/auth/password", "POST /api/v1/auth/recovery-codes", "PO
            "POST /api/v1/users/{user_id}/totp", "PUT /api/v1/users/{user_id}/password",
            "POST /api/v1/sites", "PATCH /api/v1/sites/{name}", "DELETE /api/v1/sites/{name}",
            "POST /api/v1/sites/{name}/agents", "DELETE /api/v1/sites/{name}/agents/{agent}",
+           "POST /api/v1/sites/{name}/join-tokens", "POST /api/v1/agents/{agent}/revoke",
            "POST /api/v1/devices", "POST /api/v1/devices/import", "PATCH /api/v1/devices/{asset_id}",
            "DELETE /api/v1/devices/{asset_id}", "POST /api/v1/policy/apply",
            "POST /api/v1/sessions", "POST /api/v1/break-glass", "POST /api/v1/sessions/{sid}/approve",
@@ -274,7 +296,16 @@ class KnownBug:
 # "session-role-check-after-step-up" (approve, activate, extend, review checked role and ownership after it);
 # "history-and-desired-404-to-readers" (device access history and a node's desired state answered 404, not 403,
 # to callers who can read the device or site).
-KNOWN_BUGS: dict[str, KnownBug] = {}
+KNOWN_BUGS: dict[str, KnownBug] = {
+    "agent-revoke-404-to-site-readers": KnownBug(
+        "BUG: controller/enrolment.py Agents._revocable answers 404 to an engineer, contractor or approver of the agent's "
+        "site, who sees the agent in GET /sites/{name} (and gets 403 from DELETE /sites/{name}/agents/{agent}): "
+        "it takes only site_admin, admin and soc as able to see an agent",
+        {("POST /api/v1/agents/{agent}/revoke @north", "engineer"): 404,
+         ("POST /api/v1/agents/{agent}/revoke @north", "contractor"): 404,
+         ("POST /api/v1/agents/{agent}/revoke @north", "approver"): 404,
+         ("POST /api/v1/agents/{agent}/revoke @south", "engineer_s2"): 404}),
+}
 
 
 def _made_address(n: int) -> str:
@@ -336,11 +367,14 @@ RENEW = {
     ("DELETE /api/v1/devices/{asset_id}", "south"): "retired:south",
     ("PATCH /api/v1/devices/{asset_id}", "north-to-south"): "device:north",
     ("POST /api/v1/devices/import", "south-to-north"): "device:south",
+    ("DELETE /api/v1/join-tokens/{token_id}", "north"): "token:north",
+    ("DELETE /api/v1/join-tokens/{token_id}", "south"): "token:south",
 }
 CSV_HEADER = "asset_id,device_type,site,addresses\n"
 # What a refused call must leave as it was: every row (a policy version by its content hash, not its files).
 STATE = [select(m.__table__).order_by(m.id) for m in (User, RoleGrant, RecoveryCode, Site, NodeAgent, Device)] + [
-    select(PolicyVersion.id, PolicyVersion.version, PolicyVersion.comment, PolicyVersion.applied_by).order_by(PolicyVersion.id)]
+    select(PolicyVersion.id, PolicyVersion.version, PolicyVersion.comment, PolicyVersion.applied_by).order_by(PolicyVersion.id),
+    select(JoinToken.__table__).order_by(JoinToken.id), select(AgentCertificate.__table__).order_by(AgentCertificate.serial)]
 # ... and every session, its approvals and its leased address and port.
 SESSION_STATE = [select(AccessSession.__table__).order_by(AccessSession.id), select(SessionApproval.__table__).order_by(SessionApproval.id),
                  select(LaneLease.__table__).order_by(LaneLease.session_id)]
@@ -375,7 +409,7 @@ class World:
         ctl.add_site(SITE, tunnel_pool="100.100.1.0/24")
         ctl.add_site(OTHER_SITE, tunnel_pool="100.100.2.0/24")
         for slot in ("device:north", "device:south", "retired:north", "retired:south", "agent:north", "agent:south",
-                     "site:empty"):
+                     "site:empty", "token:north", "token:south"):
             w.renew(slot)
         until = (datetime.fromtimestamp(ctl.t, UTC) + timedelta(days=1)).isoformat()
         specs = {
@@ -421,6 +455,10 @@ class World:
             self.stock[slot] = f"agent-{where}-{n}"
         elif kind == "site":
             self.stock[slot] = self.ctl.add_site(f"empty-{n}", tunnel_pool=_pool(n))["name"]
+        elif kind == "token":
+            res = self.ctl.client.post(f"{API}/sites/{site}/join-tokens", json={}, headers=self.ctl.step_up_admin())
+            assert res.status_code == 201, res.text
+            self.stock[slot] = res.json()["id"]
 
     def site_name(self, target: str) -> str:
         return {"south": OTHER_SITE, "missing": NO_SITE, "empty": self.stock["site:empty"]}.get(target, SITE)
@@ -528,13 +566,18 @@ class World:
         path = path.replace("{name}", site)
         if "{agent}" in path:  # @south-agent-via-north: south-2's agent, removed by way of north-1
             agent = self.stock["agent:south" if target in ("south", "south-agent-via-north") else "agent:north"]
+            if target == "missing" and path.startswith(f"{API}/agents/"):
+                agent = "no-such-agent"
             path = path.replace("{agent}", agent)
+        if "{token_id}" in path:
+            path = path.replace("{token_id}", MISSING_TOKEN if target == "missing" else self.stock[f"token:{target}"])
         path = path.replace("{policy_id}", "1" if target == "existing" else str(MISSING_ID))
         if "{sid}" in path:
             path = path.replace("{sid}", self.session_for(route, caller, target))
         if "{node}" in path:
             path = path.replace("{node}", self.stock.get(f"agent:{target}", "no-such-node"))
-        params = {"site": site} if target != "self" and route in (f"GET {API}/devices", f"GET {API}/devices/export") else None
+        params = ({"site": site} if target != "self" and route in (f"GET {API}/devices", f"GET {API}/devices/export", f"GET {API}/agents")
+                  else None)
         if route == "GET /api/v1/sessions":
             params = {"limit": 1000, **({"scope": "all"} if target == "all" else {})}
         elif route == "GET /api/v1/devices/{asset_id}/access":
@@ -573,6 +616,10 @@ class World:
             body = {"display_name": f"Changed {n}"}
         elif route == "POST /api/v1/sites/{name}/agents":
             body = {"name": f"agent-made-{n}", "description": "made by the matrix"}
+        elif route == "POST /api/v1/sites/{name}/join-tokens":
+            body = {"ttl": "30m"}
+        elif route == "POST /api/v1/agents/{agent}/revoke":
+            body = {"reason": f"matrix revocation {n}"}
         elif route == "POST /api/v1/devices":
             body = {"asset_id": f"MADE-{n}", "site": site, "device_type": "substation-rtu", "addresses": [_made_address(n)],
                     "lifecycle": "active"}
@@ -727,6 +774,8 @@ class World:
         sessions or the approval queue exactly the sessions the caller may see in it."""
         if route in ("GET /api/v1/sessions", "GET /api/v1/approvals"):
             return self.sessions_shown_wrong(route, caller, params, res)
+        if route == "GET /api/v1/agents":
+            return self.agents_shown_wrong(caller, params, res)
         if route not in ("GET /api/v1/sites", "GET /api/v1/devices", "GET /api/v1/devices/export"):
             return None
         with self.ctl.app.state.auth.factory() as s:
@@ -744,6 +793,15 @@ class World:
             if params:
                 want &= {params["site"]}
         return None if shown == want else f"showed sites {sorted(shown)}, not {sorted(want)}"
+
+    def agents_shown_wrong(self, caller: str, params: dict | None, res) -> str | None:
+        """GET /agents: every agent at a site where the caller is site_admin, soc or admin (of the one asked for)."""
+        with self.ctl.app.state.auth.factory() as s:
+            rows = s.execute(select(NodeAgent.name, Site.name).join(Site, Site.id == NodeAgent.site_id)).all()
+        sites = self.sites_with(caller, ("site_admin", "soc", "admin"))
+        want = {agent for agent, site in rows if (sites is None or site in sites) and (not params or site == params["site"])}
+        shown = {a["name"] for a in res.json()}
+        return None if shown == want else f"showed agents {sorted(shown - want)} it should not, and not {sorted(want - shown)}"
 
     def sites_with(self, caller: str, roles: tuple[str, ...]) -> set[str] | None:
         """The sites where `caller` holds one of `roles`; None: every site."""
@@ -816,7 +874,7 @@ class World:
             before_step_up = expected in (401, 403, 404) and not decided
             found = self.events_after(seq)
             bad = [f"{e.type}/{e.result}" for e in found
-                   if e.category in ("account", "inventory", "policy") or (before_step_up and e.type == "step_up")]
+                   if e.category in ("account", "inventory", "policy", "agent") or (before_step_up and e.type == "step_up")]
             if bad:
                 out.append(Mismatch(key, caller, "no events", "events", f"recorded {bad}"))
             after = self.state()
@@ -957,7 +1015,7 @@ def test_step_up_is_required_and_single_use(ctl):
                 if w.state() != before:
                     mismatches.append(Mismatch(label, caller, "unchanged", "changed", "an account or the inventory changed"))
                 done = [f"{e.type}/{e.result}" for e in w.events_after(seq)
-                        if e.category in ("account", "inventory", "policy") or (e.type == "step_up" and e.result == "success")]
+                        if e.category in ("account", "inventory", "policy", "agent") or (e.type == "step_up" and e.result == "success")]
                 if done:
                     mismatches.append(Mismatch(label, caller, "nothing done", "events", f"recorded {done}"))
                 if variant == "reused code":
@@ -993,7 +1051,7 @@ def test_a_disabled_users_token_is_refused_on_every_route(ctl):
                 mismatches.append(Mismatch(f"{route} @{target}", "gone", f"{want[0]} {want[1]}",
                                            f"{res.status_code} {error}", res.text))
             done = [f"{e.type}/{e.result}" for e in w.events_after(seq)
-                    if e.category in ("account", "inventory", "policy") or (e.type in ("step_up", "login") and e.result == "success")]
+                    if e.category in ("account", "inventory", "policy", "agent") or (e.type in ("step_up", "login") and e.result == "success")]
             if done:
                 mismatches.append(Mismatch(f"{route} @{target}", "gone", "nothing done", "events", f"recorded {done}"))
             if w.state() != before:

@@ -74,7 +74,7 @@ from .conftest import Harness, Person
 
 API = "/api/v1"
 # Examples per database, for about 70 s each on two cores: a PostgreSQL step costs about twice a SQLite one.
-EXAMPLES = {"sqlite": 30, "postgresql": 18}
+EXAMPLES = {"sqlite": 24, "postgresql": 10}
 STEPS = 30
 
 
