@@ -8,7 +8,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path, Request, Response, status
+from fastapi import APIRouter, Depends, Path, Query, Request, Response, status
 from pydantic import BaseModel, ConfigDict, Field
 
 from .deps import AuthDep, CurrentPrincipal, Source, TotpHeader
@@ -107,7 +107,8 @@ def revoke_join_token(token_id: TokenId, caller: CurrentPrincipal, agents: Agent
 
 @router.get("/agents", response_model=list[AgentOut], tags=["agents"],
             summary="Node agents: enrolment, link, applied generation, version, clock (site_admin, soc, admin)")
-def list_agents(caller: CurrentPrincipal, agents: AgentsDep, site: str | None = None) -> list[AgentOut]:
+def list_agents(caller: CurrentPrincipal, agents: AgentsDep,
+                site: Annotated[str | None, Query(pattern=SITE_NAME.pattern)] = None) -> list[AgentOut]:
     return [AgentOut(**a) for a in agents.list_agents(caller, site)]
 
 

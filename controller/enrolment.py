@@ -31,7 +31,8 @@ from .errors import Conflict, Forbidden, Invalid, NotFound
 from .models import AccessSession, AgentCertificate, JoinToken, NodeAgent, Site
 
 MANAGE_ROLES = ("site_admin", "admin")
-READ_ROLES = ("site_admin", "admin", "soc")
+READ_ROLES = ("site_admin", "admin", "soc")  # may list agents and their links
+SITE_READERS = ("engineer", "contractor", "approver", "site_admin", "soc", "admin", "break_glass")
 MAX_TOKEN_TTL = timedelta(days=7)
 
 
@@ -232,7 +233,7 @@ class Agents:
         agent = s.scalar(select(NodeAgent).where(NodeAgent.name == node))
         site = s.get(Site, agent.site_id) if agent else None
         if agent is None or not caller.can(site.name, *MANAGE_ROLES):
-            if agent is not None and caller.can(site.name, *READ_ROLES):
+            if agent is not None and caller.can(site.name, *SITE_READERS):  # they see it in the site's record
                 raise Forbidden(f"only a site admin of {site.name} or an admin revokes its agents")
             raise NotFound(f"no agent {node}")
         return agent, site

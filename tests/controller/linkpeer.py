@@ -109,9 +109,10 @@ class LinkHarness(Harness):
 
     def quiesce(self) -> None:
         """Stop the link and collect its garbage now, on this thread. Python 3.11.2's `ast` module keeps its
-        recursion depth in global state, and both pytest (formatting a failure) and a traceback logged by another
-        thread (asyncio's "Task exception was never retrieved") parse source: at the same time, that fails with
-        "SystemError: AST constructor recursion depth mismatch". Call before a test fails on purpose (xfail)."""
+        recursion depth in global state, and both pytest (formatting a failure) and a traceback printed by another
+        thread (asyncio's "Task exception was never retrieved", say) parse source: at the same time, that fails with
+        "SystemError: AST constructor recursion depth mismatch" and takes the test run down with it."""
+
         import gc
 
         self.link.stop()

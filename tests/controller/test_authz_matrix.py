@@ -295,16 +295,9 @@ class KnownBug:
 # "session-device-lookup-after-step-up" (POST /sessions and /break-glass looked the device up after the step-up);
 # "session-role-check-after-step-up" (approve, activate, extend, review checked role and ownership after it);
 # "history-and-desired-404-to-readers" (device access history and a node's desired state answered 404, not 403,
-# to callers who can read the device or site).
+# to callers who can read the device or site); "agent-revoke-404-to-site-readers" (POST /agents/{agent}/revoke answered
+# 404, not 403, to an engineer, contractor or approver of the agent's site, who sees the agent in the site's record).
 KNOWN_BUGS: dict[str, KnownBug] = {
-    "agent-revoke-404-to-site-readers": KnownBug(
-        "BUG: controller/enrolment.py Agents._revocable answers 404 to an engineer, contractor or approver of the agent's "
-        "site, who sees the agent in GET /sites/{name} (and gets 403 from DELETE /sites/{name}/agents/{agent}): "
-        "it takes only site_admin, admin and soc as able to see an agent",
-        {("POST /api/v1/agents/{agent}/revoke @north", "engineer"): 404,
-         ("POST /api/v1/agents/{agent}/revoke @north", "contractor"): 404,
-         ("POST /api/v1/agents/{agent}/revoke @north", "approver"): 404,
-         ("POST /api/v1/agents/{agent}/revoke @south", "engineer_s2"): 404}),
 }
 
 

@@ -118,7 +118,7 @@ def test_agents_shows_each_link_and_revoke_cuts_it(ctl, admin):
     linked, = [r.split() for r in res.stdout.splitlines() if r.startswith(NODE)]
     assert linked[2] == "revoked"
     revoked, = [e for e in ctl.events() if e["type"] == "agent.revoke"]
-    assert (revoked["actor"], revoked["subject"], revoked["reason"]) == ("root", NODE, "router stolen from the yard")
+    assert (revoked["actor"], revoked["subject"], revoked["body"]["note"]) == ("root", NODE, "router stolen from the yard")
 
 
 def test_an_engineer_is_told_plainly_that_agents_are_not_theirs_to_manage(ctl, server, tmp_path):

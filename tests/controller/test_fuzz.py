@@ -406,11 +406,11 @@ KNOWN_BUGS: dict[str, KnownBug] = {
         "longer reason, or one with a NUL character, crashes the revocation (500: value too long / text fields cannot "
         "contain NUL) and the agent stays unrevoked",
         ("postgresql",), ("POST /api/v1/agents/{agent}/revoke",), r"NUL|value too long|StringDataRightTruncation",
-        _long_or_nul_reason, _probe_agent_revoke_reason, fixed=False),
+        _long_or_nul_reason, _probe_agent_revoke_reason),
     "nul-in-agents-site-filter": KnownBug(
         "BUG (PostgreSQL): GET /agents?site=a%00 crashes (500: text fields cannot contain NUL) instead of 200 [] or "
-        "422: the `site` filter of api_agents.list_agents takes any string to the database",
-        ("postgresql",), ("GET /api/v1/agents",), r"NUL", _has_nul, _admin_get("/api/v1/agents", site="a\x00"), fixed=False),
+        "422: the `site` filter of api_agents.list_agents (api_agents.py:110) reaches the query unchecked (enrolment.py:210)",
+        ("postgresql",), ("GET /api/v1/agents",), r"NUL", _has_nul, _admin_get("/api/v1/agents", site="a\x00")),
 }
 
 
@@ -1055,6 +1055,9 @@ def test_fuzz_the_api_from_its_schema(ctl, mode):
         provision(ctl)
         run.pool = SessionPool(ctl)
     valid, broken = EXAMPLES[mode]
+    if dialect_of(ctl) == "postgresql":
+        # schema conformance hardly depends on the database: PostgreSQL gets half, for what differs (NUL, lengths)
+        valid, broken = valid // 2, max(broken // 2, 3)
     for operation in ops:
         ctl.advance(ctl.settings.throttle.window_s + 1)  # no hold-off carried over from the last operation
         if mode == "admin":
