@@ -26,6 +26,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from .security.keys import write_private
+
 CONTROLLER_URI = "urn:wicket:controller"
 AGENT_URI_PREFIX = "urn:wicket:agent:"
 CA_YEARS = 10
@@ -176,9 +178,4 @@ def new_token_parts() -> tuple[str, str]:
 
 def _write_new(path: Path, data: bytes) -> None:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_private(path, data)

@@ -11,13 +11,10 @@ step-up each, and the admin cannot spend a dozen single-use TOTP steps inside on
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import time
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-import pyotp
 import pytest
 from fastapi.testclient import TestClient
 
@@ -26,12 +23,12 @@ from controller.bootstrap import init
 from controller.inventory_schemas import DeviceCreate, SiteCreate
 from controller.nodelink import LocalSocketLink
 from controller.settings import load
+from tests.lab.controller import PASSWORD, Person, conf_value, totp_secret, ts
 from tests.lab.site import NODE_ID, AgentProcess, Engineer, serve, wait_for
 
 pytestmark = pytest.mark.lab
 
 API = "/api/v1"
-PASSWORD = "correct horse battery staple"
 SITE, DEVICE, TASK = "north-1", "RTU-17", "iec104-diagnostics"
 TUNNEL_POOL = "100.64.7.0/24"
 DEFAULT_S, EXTEND_S = 40, 20
@@ -57,28 +54,6 @@ limits:
 """}
 
 
-@dataclass
-class Person:
-    username: str
-    secret: str
-    token: str | None = None
-    used_steps: set[int] = field(default_factory=set)
-
-    def code(self) -> str:
-        """A TOTP code of a step this person has not used yet, still valid for a few seconds at least.
-
-        The controller accepts the steps either side of now, each once per person: three actions per
-        30 s. A fourth waits for the next step (never more than one step)."""
-        while True:
-            now = time.time()
-            step, left = int(now // 30), 30 - now % 30
-            for candidate in ([step - 1] if left > 3 else []) + [step, step + 1]:
-                if candidate not in self.used_steps:
-                    self.used_steps.add(candidate)
-                    return pyotp.TOTP(self.secret).at(candidate * 30)
-            time.sleep(left + 0.1)
-
-
 class Controller:
     """A fresh controller (SQLite in tmp_path) whose lanes reach the lab's agent through its control socket."""
 
@@ -89,7 +64,7 @@ class Controller:
         boot = init(self.settings, "root", "First Admin", PASSWORD)
         self.app = create_app(self.settings, clock=time.time, link=LocalSocketLink({NODE_ID: agent.socket}))
         self.client = TestClient(self.app)
-        self.admin = Person("root", _secret(boot.enrolment.otpauth_uri))
+        self.admin = Person("root", totp_secret(boot.enrolment.otpauth_uri))
         login = self.app.state.auth.login("root", PASSWORD, code=self.admin.code())
         self.admin.token, root = login.token, login.principal
         state = self.app.state
@@ -108,7 +83,7 @@ class Controller:
         users = self.app.state.users
         user = users.create(root, username=username, display_name=username.title(), password=PASSWORD,
                             roles=[(role, SITE)])
-        person = Person(username, _secret(users.enrol_totp(root, user.id).otpauth_uri))
+        person = Person(username, totp_secret(users.enrol_totp(root, user.id).otpauth_uri))
         res = self.client.post(f"{API}/auth/login", json={"username": username, "password": PASSWORD,
                                                           "totp_code": person.code()})
         assert res.status_code == 200, res.text
@@ -180,26 +155,26 @@ def test_requested_approved_extended_session_reaches_the_device_until_its_end(si
     rtu1 = lab.addr("rtu1")
     active, conf = ctl.open_session(engineer)
     sid = active["id"]
-    original_end = _ts(active["end_at"])
-    assert original_end - _ts(active["activated_at"]) == pytest.approx(DEFAULT_S, abs=1)
+    original_end = ts(active["end_at"])
+    assert original_end - ts(active["activated_at"]) == pytest.approx(DEFAULT_S, abs=1)
 
     lane = agent.lane(sid)
     assert lane is not None and lane["engineer_address"] == active["tunnel_address"]
     assert lane["device_address"] == rtu1 and lane["listen_port"] == active["listen_port"]
-    assert abs(_ts(lane["end_time"]) - original_end) < 0.01
-    assert _conf_value(conf, "PublicKey") == lane["node_public_key"]
-    assert _conf_value(conf, "Endpoint") == f"{lab.router_wan}:{active['listen_port']}"
-    assert _conf_value(conf, "AllowedIPs") == f"{rtu1}/32"
+    assert abs(ts(lane["end_time"]) - original_end) < 0.01
+    assert conf_value(conf, "PublicKey") == lane["node_public_key"]
+    assert conf_value(conf, "Endpoint") == f"{lab.router_wan}:{active['listen_port']}"
+    assert conf_value(conf, "AllowedIPs") == f"{rtu1}/32"
 
     assert engineer.probe(rtu1, 2404) == "open"
     assert engineer.probe(rtu1, 502) != "open", "only the task's port"
 
     extended = ctl.call("POST", f"/sessions/{sid}/extend", ctl.engineer, step_up=True, json={
         "by": f"{EXTEND_S}s", "reason_code": "fault-still-open", "note": "field crew still on site"}).json()
-    new_end = _ts(extended["end_at"])
+    new_end = ts(extended["end_at"])
     assert new_end == pytest.approx(original_end + EXTEND_S, abs=0.01)
     assert time.time() < original_end - 4, "the extension came too late for the test to mean anything"
-    assert abs(_ts(agent.lane(sid)["end_time"]) - new_end) < 0.01, "the agent did not take the new end time"
+    assert abs(ts(agent.lane(sid)["end_time"]) - new_end) < 0.01, "the agent did not take the new end time"
 
     # one connection held from before the original end to past the new one: kept across the first,
     # cut at the second
@@ -220,13 +195,13 @@ def test_requested_approved_extended_session_reaches_the_device_until_its_end(si
     assert sid in report.expired and not report.push_failures, report
     ended = ctl.session(sid)
     assert (ended["state"], ended["end_reason"]) == ("expired", "end_time"), ended
-    assert _ts(ended["ended_at"]) == pytest.approx(new_end, abs=0.01)
+    assert ts(ended["ended_at"]) == pytest.approx(new_end, abs=0.01)
     desired = ctl.call("GET", f"/nodes/{NODE_ID}/desired", ctl.admin).json()
     assert desired["lanes"] == [] and desired["node_id"] == NODE_ID
 
     evidence = agent.evidence_for(sid)
     assert evidence["end_reason"] == "expired" and 0 <= evidence["lateness_ms"] < 1000, evidence
-    assert abs(_ts(evidence["planned_end"]) - new_end) < 0.01
+    assert abs(ts(evidence["planned_end"]) - new_end) < 0.01
     assert evidence["device_id"] == DEVICE and evidence["engineer_address"] == active["tunnel_address"]
     assert 502 in {b["port"] for b in evidence["blocked"]}
     assert any(f["dport"] == 2404 and f["bytes_out"] > 0 for f in evidence["flows"]), evidence["flows"]
@@ -249,7 +224,7 @@ def test_revoked_session_is_cut_at_once(site):
     assert ctl.call("GET", f"/nodes/{NODE_ID}/desired", ctl.admin).json()["lanes"] == []
     evidence = agent.evidence_for(sid)
     assert evidence["end_reason"] == "removed", evidence
-    assert _ts(evidence["closed_at"]) - revoked_at < GRACE_S
+    assert ts(evidence["closed_at"]) - revoked_at < GRACE_S
 
 
 def _established_to(lab, host: str) -> bool:
@@ -258,21 +233,7 @@ def _established_to(lab, host: str) -> bool:
     return "ESTABLISHED" in ct
 
 
-def _conf_value(conf: str, key: str) -> str:
-    match = re.search(rf"^{key}\s*=\s*(\S+)\s*$", conf, re.MULTILINE)
-    assert match, f"{key} missing from the config:\n{conf}"
-    return match.group(1)
-
-
-def _ts(text: str) -> float:
-    value = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    assert value.tzinfo is not None, f"{text}: a time without its zone"
-    return value.timestamp()
 
 
 def _sleep_until(t: float) -> None:
     time.sleep(max(0.0, t - time.time()))
-
-
-def _secret(uri: str) -> str:
-    return re.search(r"secret=([A-Z2-7]+)", uri).group(1)

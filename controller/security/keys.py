@@ -52,8 +52,8 @@ def create(keys_dir: Path) -> ControllerKeys:
     if signing_path.exists() or secrets_path.exists():
         raise SettingsError(f"keys already exist in {keys_dir}: refusing to overwrite them")
     signing = Ed25519PrivateKey.generate()
-    _write_private(signing_path, signing.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
-    _write_private(secrets_path, base64.b64encode(os.urandom(32)) + b"\n")
+    write_private(signing_path, signing.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
+    write_private(secrets_path, base64.b64encode(os.urandom(32)) + b"\n")
     return load(keys_dir)
 
 
@@ -73,7 +73,8 @@ def load(keys_dir: Path) -> ControllerKeys:
     return ControllerKeys(signing=signing, secrets_key=secret)
 
 
-def _write_private(path: Path, data: bytes) -> None:
+def write_private(path: Path, data: bytes) -> None:
+    """Create a new key file, owner-only and synced; refuses to overwrite one."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         os.write(fd, data)

@@ -123,7 +123,7 @@ class LabController:
         boot = init(self.settings, "root", "First Admin", PASSWORD)
         self.app = create_app(self.settings, link=NoLink())
         state = self.app.state
-        self.people["root"] = Person("root", _secret(boot.enrolment.otpauth_uri))
+        self.people["root"] = Person("root", totp_secret(boot.enrolment.otpauth_uri))
         self.root = state.auth.login("root", PASSWORD, code=self.people["root"].code()).principal
         state.policies.apply(self.root, policy(self.default_s), "lab", None)
         state.inventory.create_site(self.root, SiteCreate(
@@ -140,7 +140,7 @@ class LabController:
     def _person(self, username: str, role: str) -> Person:
         users = self.app.state.users
         user = users.create(self.root, username=username, display_name=username.title(), password=PASSWORD, roles=[(role, SITE)])
-        person = Person(username, _secret(users.enrol_totp(self.root, user.id).otpauth_uri))
+        person = Person(username, totp_secret(users.enrol_totp(self.root, user.id).otpauth_uri))
         self.people[username] = person
         return person
 
@@ -275,7 +275,7 @@ class LabController:
                     for r in s.scalars(select(AccessSession).where(AccessSession.state.in_(states)))]
 
 
-def _secret(uri: str) -> str:
+def totp_secret(uri: str) -> str:
     return re.search(r"secret=([A-Z2-7]+)", uri).group(1)
 
 
@@ -287,7 +287,10 @@ def conf_value(conf: str, key: str) -> str:
 
 
 def ts(text: str) -> float:
-    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if value.tzinfo is None:
+        raise AssertionError(f"{text}: a time without its zone")
+    return value.timestamp()
 
 
 def dump(value) -> str:
