@@ -90,8 +90,10 @@ class _Conn:
 
 
 class LinkServer:
-    """Serves enrolment and agent links on one TLS port. `hooks` receives what agents report:
-    `applied(node, generation, report, status)`, `evidence(node, record)`."""
+    """Serves enrolment and agent links on one TLS port. What agents report reaches `on_applied(node,
+    generation, report, status)` and `on_evidence(node, session_id, end_reason)`."""
+
+    self_pushing = True  # each connection pushes its node's state itself (see session_lanes.Pusher)
 
     def __init__(self, agents: Agents, ssl_context: ssl.SSLContext, *, heartbeat_s: float = 10.0,
                  ack_timeout_s: float = 10.0, replica: str | None = None, renew_server_cert=None):
@@ -166,8 +168,6 @@ class LinkServer:
         self._mark_all_down()
 
     # ---- NodeLink ----
-
-    self_pushing = True
 
     def push(self, desired: DesiredNodeState) -> ReconcileReport:
         """Send the node its state now and wait for it to be applied."""

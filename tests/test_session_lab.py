@@ -23,7 +23,7 @@ from controller.bootstrap import init
 from controller.inventory_schemas import DeviceCreate, SiteCreate
 from controller.nodelink import LocalSocketLink
 from controller.settings import load
-from tests.lab.controller import PASSWORD, Person, conf_value, totp_secret, ts
+from tests.lab.controller import PASSWORD, Person, conf_value, policy, totp_secret, ts
 from tests.lab.site import NODE_ID, AgentProcess, Engineer, serve, wait_for
 
 pytestmark = pytest.mark.lab
@@ -34,24 +34,7 @@ TUNNEL_POOL = "100.64.7.0/24"
 DEFAULT_S, EXTEND_S = 40, 20
 GRACE_S = 2.0  # how soon after its end a lane must be gone (the agent's promise, tests/test_lane_lab.py)
 
-POLICY = {"lab.yaml": f"""\
-wicket_policy: 1
-device_types:
-  substation-rtu:
-    title: Substation RTU
-    access: [iec104]
-tasks:
-  {TASK}:
-    title: Read-only IEC-104 diagnostics
-    protocols: [iec104]
-    device_types: [substation-rtu]
-    roles: [engineer]
-    duration: {{default: {DEFAULT_S}s, max: 2m}}
-    approval: {{required: true, approvers: 1}}
-    extensions: {{reason_codes: [fault-still-open], max_count: 1, max_total: {EXTEND_S}s}}
-limits:
-  max_silence: 1h
-"""}
+POLICY = policy(DEFAULT_S, EXTEND_S)  # the lab controller's policy, on this test's times
 
 
 class Controller:
