@@ -18,6 +18,7 @@ from .api_agents import router as agents_router
 from .api_inventory import router as inventory_router
 from .api_policy import router as policy_router
 from .api_sessions import router as sessions_router
+from .audit.chain import AuditSigner, Checkpointer, register_key
 from .auth import Auth
 from .db import make_engine, session_factory
 from .decisions import Decisions
@@ -46,9 +47,11 @@ async def _lifespan(app: FastAPI):
         link.start(host.strip("[]"), int(port))
     if settings.tick_ms:
         app.state.session_clock.start(settings.tick_ms / 1000)
+    app.state.checkpointer.start()
     try:
         yield
     finally:
+        app.state.checkpointer.stop()
         app.state.session_clock.stop()
         if link is not None:
             link.stop()
@@ -61,6 +64,8 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time, en
     engine = engine or make_engine(settings.database_url)
     factory = session_factory(engine)
     auth = Auth(settings, keys, factory, clock)
+    signer = AuditSigner(keys.signing)
+    register_key(factory, signer)
     app = FastAPI(
         lifespan=_lifespan,
         title="wicket controller",
@@ -92,6 +97,9 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time, en
         app.state.link_server = link
         link.on_applied = app.state.sessions.acknowledge
         link.on_evidence = app.state.sessions.node_ended
+    app.state.audit_signer = signer
+    app.state.checkpointer = Checkpointer(factory, signer, every=settings.audit_checkpoint_every,
+                                          interval_s=settings.audit_checkpoint_s)
     app.state.session_queries = SessionQueries(auth)
     app.state.session_clock = SessionClock(app.state.sessions, warn_before_s=settings.warn_before_s)
     errors.install(app)

@@ -73,6 +73,13 @@ class NodeUnavailable(DomainError):
     status, code = 503, "node_unavailable"
 
 
+class AuditUnavailable(DomainError):
+    """The audit record of an action could not be written, so the action was not done (IEC 62443 SR 2.10:
+    wicket refuses rather than acting unrecorded)."""
+
+    status, code = 503, "audit_unavailable"
+
+
 class Throttled(DomainError):
     status, code = 429, "throttled"
 

@@ -1,15 +1,18 @@
-"""Authentication and account-change events, written in the same transaction as what they record.
+"""Auditable events, written in the same transaction as what they record and sealed into the audit
+chain when it commits (`controller.audit.chain`): if the record cannot be written, nothing is.
 
-Field names are the ones the SIEM export will use (`docs/controller.md`). Bodies never hold passwords,
+Field names are the ones the SIEM export uses (`docs/soc-reference.md`). Bodies never hold passwords,
 codes or tokens: `record` refuses keys that look like them.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 
 from sqlalchemy.orm import Session
 
+from .audit import chain
 from .models import Event, now
 
 log = logging.getLogger("wicket.controller.events")
@@ -40,13 +43,23 @@ def record(
         k = key.lower()
         if any(k == word or k.endswith("_" + word) for word in FORBIDDEN_KEYS):
             raise ValueError(f"event body key {key!r} looks like a secret")
+    try:
+        body = json.loads(json.dumps(body))  # the stored body is exactly what is hashed
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"event {type}: body is not plain JSON: {exc}") from None
+    session_ref = body.get("session_id") or (subject if category in ("session", "evidence") else None)
+    device_ref = body.get("device") or body.get("device_id")
     event = Event(
         at=at or now(), category=category, type=type, result=result, actor_id=actor_id, actor=actor,
-        subject=subject, source=source, reason=reason, body=body,
+        subject=subject, source=source, reason=reason, body=body, clock=chain.clock_state(),
+        session_ref=str(session_ref)[:64] if session_ref else None, device_ref=str(device_ref)[:64] if device_ref else None,
     )
-    session.add(event)
+    chain.queue(session, event)
     log.info(
         "event category=%s type=%s result=%s actor=%s subject=%s source=%s reason=%s",
         category, type, result, actor, subject, source, reason,
     )
     return event
+
+
+chain.install()

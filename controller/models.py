@@ -14,6 +14,7 @@ from sqlalchemy import (
     ForeignKey,
     Integer,
     String,
+    Text,
     TypeDecorator,
     UniqueConstraint,
 )
@@ -146,14 +147,14 @@ class Throttle(Base):
 
 
 class Event(Base):
-    """Authentication and account-change events, in order. The audit chain (a later issue) takes these
-    over: each has a sequence number, a time, an actor, a category, a type, a result and a body."""
+    """One record of the audit chain, in order (`controller.audit.chain`). `line` is the exact text that
+    was hashed; the other columns repeat its fields for queries. Rows are only ever inserted."""
 
     __tablename__ = "events"
 
-    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
-    category: Mapped[str] = mapped_column(String(32))  # authentication | account
+    category: Mapped[str] = mapped_column(String(32))
     type: Mapped[str] = mapped_column(String(48))
     result: Mapped[str] = mapped_column(String(16))  # success | failure
     actor_id: Mapped[int | None] = mapped_column(Integer)
@@ -162,6 +163,81 @@ class Event(Base):
     source: Mapped[str | None] = mapped_column(String(64))
     reason: Mapped[str | None] = mapped_column(String(64))
     body: Mapped[dict] = mapped_column(JSON, default=dict)
+    clock: Mapped[str] = mapped_column(String(8), default="unknown")  # synced | unsynced | unknown
+    session_ref: Mapped[str | None] = mapped_column(String(64), index=True)
+    device_ref: Mapped[str | None] = mapped_column(String(64), index=True)
+    line: Mapped[str] = mapped_column(Text)
+    leaf: Mapped[str] = mapped_column(String(64))
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+class AuditHead(Base):
+    """The chain's head (one row, id 1): its last sequence number and hash. Sealing a transaction's
+    records takes this row's lock, so appends are serialised across replicas."""
+
+    __tablename__ = "audit_head"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer)
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+class AuditCheckpoint(Base):
+    """A signed statement of the chain's size and head hash. `statement` is the exact signed text."""
+
+    __tablename__ = "audit_checkpoints"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    tree_size: Mapped[int] = mapped_column(Integer, unique=True)
+    head_hash: Mapped[str] = mapped_column(String(64))
+    statement: Mapped[str] = mapped_column(Text)
+    signature: Mapped[str] = mapped_column(String(128))
+    key_id: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class AuditKey(Base):
+    """A public key the controller has signed checkpoints and bundles with (raw Ed25519, base64)."""
+
+    __tablename__ = "audit_keys"
+
+    key_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    public_key: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    retired_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+
+class AuditSinkCursor(Base):
+    """How far one SIEM sink has been delivered (at least once), and who ships it now (a lease)."""
+
+    __tablename__ = "audit_sink_cursors"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, default=0)
+    delivered: Mapped[int] = mapped_column(Integer, default=0)
+    last_ok_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    last_attempt_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    last_error: Mapped[str | None] = mapped_column(String(500))
+    lease_holder: Mapped[str | None] = mapped_column(String(64))
+    lease_until: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+
+class SessionRecording(Base):
+    """A lane's payload recording (pcap) as the agent delivered it; its SHA-256 is in the signed evidence."""
+
+    __tablename__ = "session_recordings"
+    __table_args__ = (UniqueConstraint("node", "ident"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    node: Mapped[str] = mapped_column(String(64))
+    ident: Mapped[str] = mapped_column(String(128))
+    session_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    sha256: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(Integer)
+    path: Mapped[str] = mapped_column(String(500))
+    truncated: Mapped[bool] = mapped_column(Boolean, default=False)
+    received_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
 
 class Lifecycle(StrEnum):

@@ -27,7 +27,7 @@ from . import events, session_lanes
 from .auth import Auth, Principal
 from .db import scrub, transaction
 from .decisions import Decisions
-from .errors import Conflict, Forbidden, Gone, Invalid, NodeUnavailable, NotFound
+from .errors import AuditUnavailable, Conflict, Forbidden, Gone, Invalid, NodeUnavailable, NotFound
 from .inventory import READ_ROLES
 from .models import AccessSession, Device, Event, NodeAgent, SessionApproval, SessionState, Site, User
 from .nodelink import LinkElsewhere, LinkError
@@ -273,6 +273,9 @@ class Sessions:
             pass  # another replica holds the node's link and pushes; the acknowledgement reaches the database
         except LinkError as exc:
             error = str(exc)
+        except AuditUnavailable:  # the node opened the lane but its opening could not be recorded: undo it
+            self._undo_activation(caller, sid, node, "the lane's opening could not be recorded", source)
+            raise
         row = self._await_open(sid) if error is None else None
         if row is not None and row.state == S.active.value:
             return row

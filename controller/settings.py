@@ -58,6 +58,11 @@ class Settings:
     link_heartbeat_s: int = 10  # the controller pings this often; a link silent for 3 of these is dropped
     ack_timeout_s: int = 10  # how long an activation waits for the node to acknowledge the lane
     replica_id: str = ""  # names this controller replica in link records; default: the host name
+    audit_checkpoint_every: int = 1000  # a signed checkpoint at every multiple of this many records
+    audit_checkpoint_s: int = 60  # and at the head this often, when it moved
+    audit_sinks_file: str = ""  # TOML file of SIEM sinks (docs/siem-export.md); "" = <data_dir>/sinks.toml if it exists
+    recording_cap_bytes: int = 64 * 1024 * 1024  # a payload recording stops growing at this size
+    evidence_wait_s: int = 600  # a lane's evidence not delivered this long after its end is recorded as missing
 
     @property
     def keys_dir(self) -> Path:
@@ -106,6 +111,11 @@ def load(env: dict[str, str] | None = None) -> Settings:
         link_heartbeat_s=_int(env, "WICKET_LINK_HEARTBEAT_S", 10, low=1, high=120),
         ack_timeout_s=_int(env, "WICKET_ACK_TIMEOUT_S", 10, low=1, high=120),
         replica_id=env.get("WICKET_REPLICA_ID", "")[:64],
+        audit_checkpoint_every=_int(env, "WICKET_AUDIT_CHECKPOINT_EVERY", 1000, low=10, high=1_000_000),
+        audit_checkpoint_s=_int(env, "WICKET_AUDIT_CHECKPOINT_S", 60, low=1, high=3600),
+        audit_sinks_file=env.get("WICKET_AUDIT_SINKS_FILE", ""),
+        recording_cap_bytes=_int(env, "WICKET_RECORDING_CAP_BYTES", 64 * 1024 * 1024, low=64 * 1024, high=4 * 1024**3),
+        evidence_wait_s=_int(env, "WICKET_EVIDENCE_WAIT_S", 600, low=10, high=7 * 86400),
     )
     if settings.token_idle_s > settings.token_max_s:
         raise SettingsError("WICKET_TOKEN_IDLE_S must not exceed WICKET_TOKEN_MAX_S")

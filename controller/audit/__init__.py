@@ -1,0 +1,1 @@
+"""Evidence: the hash-chained audit log, its checkpoints, exports for SIEMs, and offline verification."""
