@@ -96,7 +96,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time, en
     if isinstance(link, LinkServer):
         app.state.link_server = link
         link.on_applied = app.state.sessions.acknowledge
-        link.on_evidence = app.state.sessions.node_ended
+        link.on_evidence = app.state.sessions.evidence_arrived
     app.state.audit_signer = signer
     app.state.checkpointer = Checkpointer(factory, signer, every=settings.audit_checkpoint_every,
                                           interval_s=settings.audit_checkpoint_s)

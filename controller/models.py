@@ -444,6 +444,7 @@ class AccessSession(Base):
     reviewed_by: Mapped[str | None] = mapped_column(String(64))
     review_note: Mapped[str | None] = mapped_column(String(1000))
     review_reminded_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    evidence_recorded_at: Mapped[datetime | None] = mapped_column(UtcDateTime)  # its session.evidence record
 
     approvals: Mapped[list[SessionApproval]] = relationship(back_populates="session", lazy="selectin",
                                                            order_by="SessionApproval.id", cascade="all, delete-orphan")

@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import or_, select
 
-from . import events
+from . import events, session_evidence
 from .db import scrub, transaction
 from .models import AccessSession, Device, SessionState, User
 from .policy import DENY
@@ -43,6 +43,7 @@ class TickReport:
     reminded: list[str] = field(default_factory=list)
     push_failures: dict[str, str] = field(default_factory=dict)
     unacknowledged: list[str] = field(default_factory=list)  # openings no node acknowledged: back to approved
+    evidence: list[str] = field(default_factory=list)  # sessions whose evidence record was written
 
 
 class SessionClock:
@@ -80,6 +81,7 @@ class SessionClock:
             scrub(self.factory.kw["bind"])
         report.warned = self._warn(now)
         report.reminded = self._remind(now)
+        report.evidence = session_evidence.record_ready(self.sessions.factory, now, self.sessions.settings.evidence_wait_s)
         report.unacknowledged = self.sessions.fail_stale_openings(timedelta(seconds=self.sessions.settings.ack_timeout_s + 5))
         nodes |= set(self.sessions.pusher.behind())
         report.push_failures = self.sessions.pusher.push_quietly(nodes)

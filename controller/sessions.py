@@ -23,7 +23,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from . import events, session_lanes
+from . import events, session_evidence, session_lanes
 from .auth import Auth, Principal
 from .db import scrub, transaction
 from .decisions import Decisions
@@ -340,6 +340,12 @@ class Sessions:
         for sid, node in rows:
             self._undo_activation(None, sid, node, f"node {node} did not acknowledge the lane in time", None)
         return [sid for sid, _ in rows]
+
+    def evidence_arrived(self, node: str, sid: str, end_reason: str) -> None:
+        """The node delivered a lane's evidence: end the session if the node ended the lane itself, and
+        write the session's evidence record if the session has ended."""
+        self.node_ended(node, sid, end_reason)
+        session_evidence.record_ready(self.factory, self.auth.now(), self.settings.evidence_wait_s, sid)
 
     def node_ended(self, node: str, sid: str, end_reason: str) -> None:
         """The node reports (in its evidence) that it ended a lane on its own: strict mode after losing the

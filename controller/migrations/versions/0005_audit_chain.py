@@ -64,6 +64,8 @@ def upgrade() -> None:
         batch.alter_column("prev_hash", existing_type=sa.String(64), nullable=False)
         batch.alter_column("hash", existing_type=sa.String(64), nullable=False)
 
+    with op.batch_alter_table("access_sessions") as batch:
+        batch.add_column(sa.Column("evidence_recorded_at", sa.DateTime(), nullable=True))
     head = op.create_table(
         "audit_head",
         sa.Column("id", sa.Integer(), primary_key=True, autoincrement=False),
@@ -118,6 +120,8 @@ def downgrade() -> None:
     # The records stay; their chain (hashes, checkpoints) and the cursors go.
     for table in ("session_recordings", "audit_sink_cursors", "audit_keys", "audit_checkpoints", "audit_head"):
         op.drop_table(table)
+    with op.batch_alter_table("access_sessions") as batch:
+        batch.drop_column("evidence_recorded_at")
     with op.batch_alter_table("events") as batch:
         batch.drop_index("ix_events_session_ref")
         batch.drop_index("ix_events_device_ref")
