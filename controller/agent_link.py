@@ -46,6 +46,8 @@ from nodeagent.wire import (
     Ping,
     Pong,
     ReconcileReport,
+    RecordingChunk,
+    RecordingReceipt,
     Refused,
     Renew,
     SignedEvidence,
@@ -53,6 +55,7 @@ from nodeagent.wire import (
     decode_frame,
     encode_frame,
     evidence_bytes,
+    evidence_payload,
     frame_length,
 )
 
@@ -62,6 +65,7 @@ from .db import transaction
 from .enrolment import Agents, EnrolmentRefused
 from .models import LaneEvidenceRecord, NodeAgent
 from .nodelink import LinkElsewhere, LinkError
+from .recordings import RecordingRefused, RecordingStore
 from .session_lanes import desired_state
 
 log = logging.getLogger("wicket.controller.link")
@@ -105,6 +109,7 @@ class LinkServer:
         self.replica = replica or socket.gethostname()[:64]
         self.on_applied = lambda node, generation, report, status: None
         self.on_evidence = lambda node, session_id, end_reason: None
+        self.recordings: RecordingStore | None = None  # where payload recordings go (set by the app)
         self.conns: dict[str, _Conn] = {}
         self.statuses: dict[str, AgentStatus] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -307,6 +312,8 @@ class LinkServer:
         elif isinstance(msg, SignedEvidence):
             if await asyncio.to_thread(self._evidence, conn, msg):
                 await self._send(conn, EvidenceReceipt(ident=msg.ident))
+        elif isinstance(msg, RecordingChunk):
+            await self._recording(conn, msg)
         elif isinstance(msg, Renew):
             try:
                 issued = await asyncio.to_thread(self.agents.renew, conn.node, conn.serial, msg.csr_pem, conn.peer)
@@ -320,6 +327,19 @@ class LinkServer:
             raise ConnectionError(f"agent said goodbye: {msg.reason}")
         elif not isinstance(msg, Pong):
             raise FrameError(f"unexpected {msg.kind} frame from an agent")
+
+    async def _recording(self, conn: _Conn, msg: RecordingChunk) -> None:
+        if self.recordings is None:
+            await self._send(conn, RecordingReceipt(ident=msg.ident, stored=False, error="this controller keeps no recordings"))
+            return
+        try:
+            done = await asyncio.to_thread(self.recordings.receive, conn.node, msg)
+        except RecordingRefused as exc:
+            log.warning("recording %s from %s refused: %s", msg.ident, conn.node, exc)
+            await self._send(conn, RecordingReceipt(ident=msg.ident, stored=False, error=str(exc)[:500]))
+            return
+        if done:
+            await self._send(conn, RecordingReceipt(ident=msg.ident, stored=True))
 
     async def _watch(self, conn: _Conn) -> None:
         next_ping = time.monotonic() + self.heartbeat_s
@@ -535,7 +555,7 @@ class LinkServer:
             try:
                 with s.begin_nested():
                     s.add(LaneEvidenceRecord(node=conn.node, ident=msg.ident, session_id=ev.session_id, end_reason=ev.end_reason.value,
-                                             body=ev.model_dump(mode="json"), signature=msg.signature,
+                                             body=evidence_payload(ev), signature=msg.signature,
                                              verified_with=agent.evidence_public_key, received_at=now))
             except IntegrityError:
                 return True  # another replica stored it in the same moment

@@ -26,6 +26,7 @@ from .enrolment import Agents
 from .inventory import Inventory
 from .nodelink import LocalSocketLink, NoLink
 from .policy_store import PolicyStore
+from .recordings import RecordingStore
 from .security import keys as controller_keys
 from .session_clock import SessionClock
 from .session_lanes import Pusher
@@ -92,11 +93,13 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time, en
         else:
             link = NoLink()
     pusher = Pusher(factory, link, auth.now)
+    app.state.recordings = RecordingStore(factory, settings.data_dir / "recordings")
     app.state.sessions = Sessions(auth, app.state.policies, app.state.decisions, pusher, settings)
     if isinstance(link, LinkServer):
         app.state.link_server = link
         link.on_applied = app.state.sessions.acknowledge
         link.on_evidence = app.state.sessions.evidence_arrived
+        link.recordings = app.state.recordings
     app.state.audit_signer = signer
     app.state.checkpointer = Checkpointer(factory, signer, every=settings.audit_checkpoint_every,
                                           interval_s=settings.audit_checkpoint_s)

@@ -110,7 +110,7 @@ def desired_state(s: Session, node: str) -> DesiredNodeState:
     # only the columns a lane needs: whole rows carry the decision trace and load approvals
     rows = s.execute(select(AccessSession.id, AccessSession.lane_revision, AccessSession.asset_id,
                             AccessSession.engineer_public_key, AccessSession.tunnel_address, AccessSession.device_address,
-                            AccessSession.flows, AccessSession.listen_port, AccessSession.end_at)
+                            AccessSession.flows, AccessSession.listen_port, AccessSession.end_at, AccessSession.recording)
                      .where(AccessSession.node == node, AccessSession.state.in_(LANED))
                      .order_by(AccessSession.id)).all()
     lanes = [lane_spec(r) for r in rows if r.engineer_public_key and r.tunnel_address and r.listen_port]
@@ -123,7 +123,8 @@ def lane_spec(r) -> LaneSpec:
     flows = [FlowSpec(transport=f["transport"], port=f["port"]) for f in r.flows]
     return LaneSpec(session_id=r.id, revision=r.lane_revision, device_id=r.asset_id, engineer_public_key=r.engineer_public_key,
                     engineer_address=r.tunnel_address, device_address=r.device_address, service=r.flows[0]["protocol"],
-                    flows=flows, listen_port=r.listen_port, end_time=r.end_at)
+                    flows=flows, listen_port=r.listen_port, end_time=r.end_at,
+                    recording="payload" if getattr(r, "recording", None) == "payload" else "metadata")
 
 
 class Pusher:

@@ -61,7 +61,6 @@ class Settings:
     audit_checkpoint_every: int = 1000  # a signed checkpoint at every multiple of this many records
     audit_checkpoint_s: int = 60  # and at the head this often, when it moved
     audit_sinks_file: str = ""  # TOML file of SIEM sinks (docs/siem-export.md); "" = <data_dir>/sinks.toml if it exists
-    recording_cap_bytes: int = 64 * 1024 * 1024  # a payload recording stops growing at this size
     evidence_wait_s: int = 600  # a lane's evidence not delivered this long after its end is recorded as missing
 
     @property
@@ -114,7 +113,6 @@ def load(env: dict[str, str] | None = None) -> Settings:
         audit_checkpoint_every=_int(env, "WICKET_AUDIT_CHECKPOINT_EVERY", 1000, low=10, high=1_000_000),
         audit_checkpoint_s=_int(env, "WICKET_AUDIT_CHECKPOINT_S", 60, low=1, high=3600),
         audit_sinks_file=env.get("WICKET_AUDIT_SINKS_FILE", ""),
-        recording_cap_bytes=_int(env, "WICKET_RECORDING_CAP_BYTES", 64 * 1024 * 1024, low=64 * 1024, high=4 * 1024**3),
         evidence_wait_s=_int(env, "WICKET_EVIDENCE_WAIT_S", 600, low=10, high=7 * 86400),
     )
     if settings.token_idle_s > settings.token_max_s:

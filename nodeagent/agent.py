@@ -81,7 +81,7 @@ class Agent:
             notes.append(did)
         ct = self._conntrack or Conntrack()
         self.lanes = LaneManager(self.naming, self._backend, fw, ct, self.state, self.clock, self.cfg.node_id,
-                                 on_ended=self._on_ended)
+                                 on_ended=self._on_ended, recording_cap_bytes=self.cfg.recording_cap_bytes)
         if self.listen_events:
             self.listener = DestroyListener(
                 want=lambda mark: self.lanes.lane_of_mark(mark) is not None,
@@ -105,6 +105,8 @@ class Agent:
         self.stopping.set()
         if self.listener:
             self.listener.stop()
+        if self.lanes is not None:
+            self.lanes.recorders.stop_all()
         self._heartbeat()
 
     # ---- operations (called on the loop thread) ----

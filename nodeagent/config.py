@@ -42,6 +42,8 @@ class AgentConfig:
     strict_after_s: float = 0.0
     # require: refuse new lanes while the kernel says the clock is not synchronised; warn: open them anyway
     clock_sync: str = "require"
+    # a lane's payload recording (tasks with `recording: payload`, and break-glass) stops growing here
+    recording_cap_bytes: int = 64 * 1024 * 1024
 
     @property
     def control_socket(self) -> str:
@@ -57,6 +59,8 @@ class AgentConfig:
             raise ConfigError(f"clock_sync {self.clock_sync!r}: require (refuse new lanes on an unsynchronised clock) or warn")
         if self.strict_after_s < 0 or 0 < self.strict_after_s < 5 or self.strict_after_s > 7 * 86400:
             raise ConfigError("strict_after_s: 0 (off) or seconds between 5 and 604800")
+        if not 65536 <= self.recording_cap_bytes <= 4 << 30:
+            raise ConfigError("recording_cap_bytes: between 65536 and 4294967296")
         if self.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"log_level {self.log_level!r}: one of DEBUG, INFO, WARNING, ERROR")
         if not self.node_id:

@@ -16,7 +16,15 @@ from .ctnl import PROTO_NAMES, Flow
 from .firewall import LaneRules
 from .state import LaneRecord
 from .wg.base import PeerStats
-from .wire import BlockedAttempt, EndReason, FlowRecord, LaneEvidence, LaneTotals, WireGuardStats
+from .wire import (
+    BlockedAttempt,
+    EndReason,
+    FlowRecord,
+    LaneEvidence,
+    LaneTotals,
+    RecordingInfo,
+    WireGuardStats,
+)
 
 
 @dataclass
@@ -30,6 +38,7 @@ class Harvest:
     blocked: list[tuple[str, str, int | None, int]] = field(default_factory=list)
     blocked_truncated: bool = False
     wireguard: PeerStats | None = None
+    recording: RecordingInfo | None = None
 
 
 def flow_to_dict(flow: Flow) -> dict:
@@ -110,6 +119,7 @@ def build_evidence(
         blocked_truncated=h.blocked_truncated,
         wireguard=wg,
         notes=notes,
+        recording=h.recording,
     )
 
 

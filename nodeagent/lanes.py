@@ -22,6 +22,7 @@ from .clock import Clock
 from .errors import AgentError, FirewallError
 from .evidence import Harvest, build_evidence, flow_to_dict
 from .firewall import Firewall, LaneRules
+from .lane_recording import Recorders
 from .reconcile import Have, Plan, Want, plan, structural_diff
 from .state import LaneRecord, StateDir
 from .wg.base import Backend, Box, BoxRequest
@@ -53,6 +54,7 @@ class LaneManager:
         node_id: str,
         on_ended: Callable[[str, EndReason, float, int], None] | None = None,
         listener=None,
+        recording_cap_bytes: int = 64 * 1024 * 1024,
     ):
         self.naming, self.backend, self.fw, self.ct = naming, backend, firewall, conntrack
         self.state, self.clock, self.node_id = state, clock, node_id
@@ -64,6 +66,7 @@ class LaneManager:
         self._slot_cursor = 0
         self._have_cache: dict[str, Have] = {}
         self._closing: set[str] = set()
+        self.recorders = Recorders(state.root / "recordings", recording_cap_bytes)
 
     # ---- model ----
 
@@ -93,6 +96,9 @@ class LaneManager:
                 notes.append(f"found orphan lane {name} (session {view.sessions.get(name, 'unknown')})")
             elif not healthy:
                 notes.append(f"lane {rec.session_id} ({name}) is incomplete in the kernel")
+        for lane in lanes.values():
+            if lane.rec is not None and lane.rec.opened and lane.healthy:
+                self.recorders.ensure(lane.name, lane.rec.lane, resume=True)
         with self._lock:
             self.lanes = lanes
             self._have_cache = {}
@@ -224,6 +230,9 @@ class LaneManager:
                 self._marks[rules.mark] = rules.name
                 self._marks[rules.transport_mark] = rules.name
             changes.append(_describe_open(want.spec, rules, box))
+            note = self.recorders.ensure(rules.name, want.spec)
+            if note:
+                errors.append(f"lane {want.spec.session_id}: {note}")
         for have, want in p.extend:
             lane = self.lanes[have.name]
             self._touch(lane.name)
@@ -360,10 +369,12 @@ class LaneManager:
             h.ended_flows = self.state.read_flows(lane.name)
             rec = lane.rec
             evidence = None
+            h.recording = self.recorders.stop(lane.name, rec.lane if rec else None)
             already = rec is not None and rec.evidence is not None and self.state.has_evidence(rec.evidence)
             if not already and (rec is None or rec.opened or counters is not None):
                 evidence = build_evidence(self.node_id, self.backend.kind, lane.name, rec, lane.rules, reason, h, self.clock)
                 ident = self.state.evidence_ident(evidence)
+                self.recorders.file_as(lane.name, ident)
                 if rec is not None:
                     rec.evidence = ident
                     self.state.save_lane(rec)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import logging
 import random
 import ssl
@@ -28,6 +29,7 @@ from . import __version__
 from .enroll import LinkFiles, check_controller_cert, new_tls_key
 from .wire import (
     PROTOCOL_VERSION,
+    RECORDING_CHUNK,
     AgentStatus,
     Applied,
     Certificate,
@@ -39,6 +41,8 @@ from .wire import (
     Ping,
     Pong,
     ReconcileReport,
+    RecordingChunk,
+    RecordingReceipt,
     Refused,
     Renew,
     SignedEvidence,
@@ -77,6 +81,9 @@ class LinkClient:
         self._renewing: bytes | None = None
         self._final = False  # the controller said not to retry (it is retried anyway, at the longest pause)
         self.connects = 0
+        self.recordings_dir = self.evidence_dir.parent / "recordings"
+        self._uploading: set[str] = set()
+        self.peer_version = version
 
     # ---- life ----
 
@@ -173,6 +180,8 @@ class LinkClient:
             self.connects += 1
             log.info("link up: controller %s:%s, protocol v%s, heartbeat %s s", host, port, welcome.protocol_version,
                      welcome.heartbeat_s)
+            self.peer_version = welcome.protocol_version
+            self._uploading.clear()
             chores = asyncio.create_task(self._chores(welcome.heartbeat_s))
             try:
                 while not self.stopping.is_set():
@@ -206,6 +215,13 @@ class LinkClient:
                 await self._send(Refused(generation=msg.generation, error=str(answer.get("error"))[:2000]))
         elif isinstance(msg, EvidenceReceipt):
             await self._ask({"op": "evidence", "ack": msg.ident})
+        elif isinstance(msg, RecordingReceipt):
+            self._uploading.discard(msg.ident)
+            if msg.stored:
+                (self.recordings_dir / f"{msg.ident}.pcap").unlink(missing_ok=True)
+                log.info("recording %s stored by the controller", msg.ident)
+            else:
+                log.error("recording %s not stored: %s (tried again on the next connection)", msg.ident, msg.error)
         elif isinstance(msg, Certificate):
             if self._renewing is not None:
                 # key first under a side name: a crash between the renames leaves a pair `_context` can mend
@@ -235,6 +251,7 @@ class LinkClient:
                     if answer.get("ok"):
                         await self._send(AgentStatus.model_validate(answer["status"]))
                 await self._deliver_evidence(sent)
+                await self._deliver_recordings(sent)
                 await self._renew_if_due()
             except (ConnectionError, OSError):
                 raise
@@ -259,6 +276,30 @@ class LinkClient:
                 await self._send(SignedEvidence(ident=p.stem, evidence=ev, signature=sig))
             except ValueError as exc:  # larger than a frame: kept on disk for `wicket-agent evidence`, not retried here
                 log.error("evidence %s cannot be sent over the link: %s", p.stem, exc)
+
+    async def _deliver_recordings(self, sent: set[str]) -> None:
+        """Upload payload recordings whose evidence the controller has receipted, one at a time, in chunks."""
+        if self._uploading or self.peer_version < 3:
+            return  # one at a time; a v2 controller takes no recordings
+        for p in sorted(self.recordings_dir.glob("*.pcap")):
+            ident = p.stem
+            if ("pcap:" + ident) in sent or (self.evidence_dir / f"{ident}.json").exists() or not self.evidence_dir.exists():
+                continue  # sent on this connection, or its evidence is not receipted yet (or the lane is still live)
+            sent.add("pcap:" + ident)
+            self._uploading.add(ident)
+            digest = hashlib.sha256()
+            offset = 0
+            with open(p, "rb") as f:
+                while True:
+                    block = f.read(RECORDING_CHUNK)
+                    digest.update(block)
+                    last = len(block) < RECORDING_CHUNK
+                    await self._send(RecordingChunk(ident=ident, offset=offset, data=base64.b64encode(block).decode(),
+                                                    last=last, sha256=digest.hexdigest() if last else None))
+                    offset += len(block)
+                    if last:
+                        break
+            return
 
     async def _renew_if_due(self) -> None:
         if self._renewing is not None:

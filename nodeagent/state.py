@@ -59,7 +59,7 @@ class StateDir:
         self.root = Path(path)
         self._closed: dict[str, float] | None = None
         self._removed: dict[str, tuple[int, float]] | None = None
-        for sub in ("", "lanes", "closed", "removed", "flows", "evidence"):
+        for sub in ("", "lanes", "closed", "removed", "flows", "evidence", "recordings"):
             d = self.root / sub
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(d, 0o700)

@@ -10,6 +10,9 @@ PROTOCOL_VERSION history (bump it, and say what changed, whenever a message chan
   2 — the agent link: enrolment frames, hello/welcome, applied/refused acknowledgements, signed evidence,
       certificate renewal, pings (see "the agent link" below); EndReason `control_lost` (strict mode);
       AgentStatus gains `clock_detail`, `link` and `strict_after_s`.
+  3 — payload recording: LaneSpec gains `recording` and `recording_cap_bytes`; LaneEvidence gains
+      `recording` (the pcap's SHA-256, size, counts); frames `recording_chunk` (agent → controller) and
+      `recording_receipt`. A v2 agent is sent lanes without the recording fields (`encode_frame`).
 A controller of version N serves agents of version N and N−1 (`OLDEST_SERVED`): it stamps what it sends
 with the version the agent said in its hello, so an older agent's own version check accepts it.
 """
@@ -36,7 +39,7 @@ from pydantic import (
     model_validator,
 )
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 OLDEST_SERVED = PROTOCOL_VERSION - 1
 
 MAX_LANES = 4096
@@ -127,6 +130,9 @@ class LaneSpec(_Msg):
         default_factory=list, max_length=32, description="allowed source networks of the engineer's UDP; empty: any"
     )
     end_time: UtcTime
+    recording: Literal["metadata", "payload"] = Field(
+        default="metadata", description="payload: the agent also captures the lane's packets (pcap) (v3)")
+    recording_cap_bytes: int | None = Field(default=None, ge=65536, le=4 << 30, description="the pcap stops growing here (v3)")
 
     @model_validator(mode="after")
     def _check(self) -> LaneSpec:
@@ -245,6 +251,22 @@ class WireGuardStats(_Msg):
     endpoint: str | None = None
 
 
+class RecordingInfo(_Msg):
+    """A lane's payload recording as the agent closed it (v3). The file follows over the link."""
+
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    size: int = 0
+    packets: int = 0
+    bytes: int = 0
+    dropped_by_cap: int = Field(default=0, description="packets not written because the file reached its cap")
+    kernel_drops: int = 0
+    truncated: bool = False
+    linktype: int | None = None
+    started_at: UtcTime | None = None
+    stopped_at: UtcTime | None = None
+    error: str | None = Field(default=None, max_length=500, description="why there is no (complete) recording")
+
+
 class LaneEvidence(_Msg):
     """Agent → controller: what one lane did, written once when it ends."""
 
@@ -275,6 +297,7 @@ class LaneEvidence(_Msg):
     blocked_truncated: bool = False
     wireguard: WireGuardStats | None
     notes: list[str] = Field(default_factory=list)
+    recording: RecordingInfo | None = None  # v3; left out of the signed bytes when None (so v2 signatures hold)
 
 
 class ObservedLane(_Msg):
@@ -400,6 +423,7 @@ def key_id(public_key_raw: bytes) -> str:
 # `agent_status` and `evidence` on its own, and renews its certificate with `renew` before it runs out.
 
 MAX_FRAME = 16 << 20
+RECORDING_CHUNK = 1 << 20  # raw bytes per recording_chunk frame
 TOKEN_PREFIX = "wkj1"
 
 
@@ -486,6 +510,27 @@ class EvidenceReceipt(_Msg):
     ident: str
 
 
+class RecordingChunk(_Msg):
+    """Agent → controller (v3): part of a lane's pcap, after its evidence was receipted. Chunks come in
+    order from offset 0; the last carries the whole file's SHA-256, which must match the signed evidence."""
+
+    kind: Literal["recording_chunk"] = "recording_chunk"
+    ident: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$", description="the evidence record's ident")
+    offset: int = Field(ge=0)
+    data: str = Field(max_length=(RECORDING_CHUNK // 3 + 1) * 4, description="base64")
+    last: bool = False
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+
+
+class RecordingReceipt(_Msg):
+    """Controller → agent: the recording is stored (the agent deletes its copy), or why not."""
+
+    kind: Literal["recording_receipt"] = "recording_receipt"
+    ident: str
+    stored: bool
+    error: str | None = Field(default=None, max_length=500)
+
+
 class Renew(_Msg):
     kind: Literal["renew"] = "renew"
     csr_pem: str = Field(max_length=16384)
@@ -517,15 +562,25 @@ class Goodbye(_Msg):
 
 LinkFrame = Annotated[
     EnrollBegin | EnrollCA | EnrollRequest | Enrolled | Hello | Welcome | DesiredNodeState | Applied | Refused
-    | AgentStatus | SignedEvidence | EvidenceReceipt | Renew | Certificate | Ping | Pong | Goodbye,
+    | AgentStatus | SignedEvidence | EvidenceReceipt | RecordingChunk | RecordingReceipt | Renew | Certificate | Ping
+    | Pong | Goodbye,
     Field(discriminator="kind"),
 ]
 
 EVIDENCE_SIGNATURE_CONTEXT = b"wicket lane evidence v1\n"
 
 
+def evidence_payload(evidence: LaneEvidence) -> dict:
+    """The evidence as signed and stored: fields added after v2 are left out while they are empty, so the
+    bytes a v2 agent signed are the bytes a v3 controller checks."""
+    data = evidence.model_dump(mode="json")
+    if data.get("recording") is None:
+        data.pop("recording", None)
+    return data
+
+
 def evidence_bytes(ident: str, evidence: LaneEvidence) -> bytes:
-    body = json.dumps(evidence.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    body = json.dumps(evidence_payload(evidence), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return EVIDENCE_SIGNATURE_CONTEXT + ident.encode() + b"\n" + body.encode()
 
 
@@ -534,6 +589,10 @@ def encode_frame(msg: BaseModel, version: int = PROTOCOL_VERSION) -> bytes:
     data = msg.model_dump(mode="json")
     if "protocol_version" in data:
         data["protocol_version"] = version
+    if version < 3 and data.get("kind") == "desired_node_state":
+        for lane in data["lanes"]:  # a v2 agent knows no recording: it records metadata only
+            lane.pop("recording", None)
+            lane.pop("recording_cap_bytes", None)
     body = json.dumps(data, separators=(",", ":")).encode()
     if len(body) > MAX_FRAME:
         raise ValueError(f"a {data.get('kind')} frame of {len(body)} bytes exceeds the {MAX_FRAME}-byte limit")

@@ -37,6 +37,9 @@ from nodeagent.wire import (
     Ping,
     Pong,
     ReconcileReport,
+    RecordingChunk,
+    RecordingInfo,
+    RecordingReceipt,
     Refused,
     Renew,
     SignedEvidence,
@@ -112,6 +115,9 @@ def one_of_each() -> list:
         status(),
         SignedEvidence(ident="s-0-1893553445678-wkab1abcdefghij", evidence=ev, signature=base64.b64encode(b"\0" * 64).decode()),
         EvidenceReceipt(ident="s-0-1893553445678-wkab1abcdefghij"),
+        RecordingChunk(ident="s-0-1893553445678-wkab1abcdefghij", offset=0, data=base64.b64encode(b"pcap").decode(),
+                       last=True, sha256="a" * 64),
+        RecordingReceipt(ident="s-0-1893553445678-wkab1abcdefghij", stored=False, error="hash mismatch"),
         Renew(csr_pem="-----BEGIN CERTIFICATE REQUEST-----\n"),
         Certificate(certificate_pem="-----BEGIN CERTIFICATE-----\n", not_after=END),
         Ping(sent=1893553445.25),
@@ -225,6 +231,24 @@ def test_frames_without_a_version_are_not_changed_by_the_stamp(msg):
     assert encode_frame(msg, 1) == encode_frame(msg, PROTOCOL_VERSION)
 
 
+def test_a_v2_agent_gets_lanes_without_the_v3_recording_fields():
+    d = desired()
+    lane = d.lanes[0].model_copy(update={"recording": "payload", "recording_cap_bytes": 1 << 20})
+    d = d.model_copy(update={"lanes": [lane]})
+    v2 = json.loads(encode_frame(d, 2)[4:])
+    assert "recording" not in v2["lanes"][0] and "recording_cap_bytes" not in v2["lanes"][0]
+    v3 = json.loads(encode_frame(d, PROTOCOL_VERSION)[4:])
+    assert v3["lanes"][0]["recording"] == "payload"
+
+
+def test_evidence_without_a_recording_signs_the_bytes_a_v2_agent_signed():
+    """A v2 agent's LaneEvidence has no `recording`; a v3 controller parsing it must check the same bytes."""
+    ev, ident = evidence(), "s-0-1-wkab1abcdefghij"
+    assert b'"recording"' not in evidence_bytes(ident, ev)
+    with_rec = ev.model_copy(update={"recording": RecordingInfo(sha256="b" * 64, size=24)})
+    assert b'"recording"' in evidence_bytes(ident, with_rec)
+
+
 def test_the_stamp_touches_only_the_top_level_so_signed_evidence_still_verifies():
     key = Ed25519PrivateKey.generate()
     ev, ident = evidence(), "s-0-1-wkab1abcdefghij"
@@ -325,6 +349,7 @@ CHANGES = {
     "blocked_truncated": True,
     "wireguard": None,
     "notes": [],
+    "recording": RecordingInfo(sha256="c" * 64, size=1024, packets=3),
 }
 
 

@@ -49,6 +49,7 @@ from nodeagent.wire import (
     Goodbye,
     ReconcileReport,
     Welcome,
+    evidence_payload,
 )
 
 from .helpers import API, headers
@@ -697,7 +698,7 @@ def test_signed_evidence_is_stored_once_and_receipted_each_time(lctl):
     with lctl.app.state.auth.factory() as s:
         stored = s.scalars(select(LaneEvidenceRecord)).all()
     assert [(r.node, r.ident, r.session_id, r.end_reason) for r in stored] == [(NODE, "ev-1", "s-abcdefghijkm", "expired")]
-    assert stored[0].signature == record.signature and stored[0].body == record.evidence.model_dump(mode="json")
+    assert stored[0].signature == record.signature and stored[0].body == evidence_payload(record.evidence)
     assert [e.result for e in events(lctl, "lane.evidence")] == ["success"]
 
 
