@@ -49,7 +49,7 @@ def product(product_lab, tmp_path):
 def test_an_enrolled_agent_takes_its_lanes_over_the_link(product):
     lab, ctl, agent, engineer = product
     [row] = ctl.agents()
-    assert row["connected"] and row["enrolled_at"] and row["protocol_version"] == 2, row
+    assert row["connected"] and row["enrolled_at"] and row["protocol_version"] == 3, row
     active = ctl.open_session()
     sid = active["id"]
     assert active["state"] == "active" and active["node"] == NODE_ID, active

@@ -31,7 +31,7 @@ from .topology import Lab
 API = "/api/v1"
 PASSWORD = "correct horse battery staple"
 SITE, DEVICE = "north-1", "RTU-17"
-TASK, QUICK_TASK = "iec104-diagnostics", "iec104-quick"
+TASK, QUICK_TASK, RECORDED_TASK = "iec104-diagnostics", "iec104-quick", "iec104-recorded"
 TUNNEL_POOL = "100.64.7.0/24"
 LINK_PORT, API_PORT = 7443, 8080
 CONTROLLER_ROLE = "ctl"
@@ -60,6 +60,14 @@ tasks:
     roles: [engineer]
     duration: {{default: {default_s}s, max: 10m}}
     approval: {{required: false}}
+  {RECORDED_TASK}:
+    title: IEC-104 work with payload recording (no approval)
+    protocols: [iec104]
+    device_types: [substation-rtu]
+    roles: [engineer]
+    duration: {{default: {default_s}s, max: 10m}}
+    approval: {{required: false}}
+    recording: payload
 limits:
   max_silence: 1h
   concurrent_sessions_per_user: 10
@@ -236,9 +244,10 @@ class LabController:
             raise HttpError(f"{method} {path} as {who}: {res.status_code} {res.text}")
         return res
 
-    def open_session(self, engineer: str = "erin", *, quick: bool = False, duration: str | None = None) -> dict:
+    def open_session(self, engineer: str = "erin", *, quick: bool = False, duration: str | None = None,
+                     task: str | None = None) -> dict:
         """Request (→ approve) → activate; the active session. `quick`: the task without approval."""
-        body = {"device": DEVICE, "task": QUICK_TASK if quick else TASK, "reason": "WO-4711 counters stuck"}
+        body = {"device": DEVICE, "task": task or (QUICK_TASK if quick else TASK), "reason": "WO-4711 counters stuck"}
         if duration:
             body["duration"] = duration
         asked = self.call("POST", "/sessions", engineer, step_up=True, expect=201, json=body).json()
