@@ -25,7 +25,9 @@ The file is only ever a valid pcap: records are appended whole, the cap stops wr
 that would cross it (later packets are counted, not written — the file is an exact prefix of the traffic),
 and a failed disk write is cut back to the last whole record. The SHA-256 grows with what is written.
 After an agent restart, `resume=True` appends to the file it left: the existing records are checked and
-hashed again, and an incomplete last record (a crash mid-write) is cut off.
+hashed again, and an incomplete last record (a crash mid-write) is cut off. What the file cannot tell —
+drops, whether the cap was reached, when the recording began — comes from `prior`, the last result or
+`snapshot()` the agent kept (`to_dict()` form is fine); without it those start again from this run.
 
 An interface that goes away (the lane was torn down) ends the capture by itself; one that only goes down
 and up again does not. `start()` returns at once (a resumed file is checked by the capture thread);
@@ -146,6 +148,7 @@ class Recorder:
         *,
         snaplen: int = DEFAULT_SNAPLEN,
         resume: bool = False,
+        prior: RecordingResult | dict | None = None,
         rcvbuf: int = DEFAULT_RCVBUF,
         nice: int = DEFAULT_NICE,
         clock: Clock | None = None,
@@ -167,7 +170,7 @@ class Recorder:
         self._writer: threading.Thread | None = None
         self._chunks: queue.Queue[bytearray | None] = queue.Queue(maxsize=HANDOVER_CHUNKS)
         self._pending = bytearray()  # whole records the reader has not handed over yet
-        self._stop_ns: int | None = None  # packets the kernel stamped after this are not part of the recording
+        self._stopping = threading.Event()
         self._final = threading.Event()  # the file's content and the result are final
         self._lock = threading.Lock()  # the counters below, for a consistent snapshot from another thread
         self._hash = hashlib.sha256()
@@ -182,6 +185,8 @@ class Recorder:
         self._stopped_at: datetime | None = None
         self._scan_from: int | None = None  # resume: the existing records still to be checked and hashed
         self._result: RecordingResult | None = None
+        if resume and prior is not None:
+            self._carry(prior if isinstance(prior, dict) else prior.to_dict())
 
     # ---- public ----
 
@@ -197,7 +202,7 @@ class Recorder:
             self._close_socket()
             self._close_file()
             raise
-        self._started_at = datetime.fromtimestamp(self.clock.wall(), UTC)
+        self._started_at = self._started_at or datetime.fromtimestamp(self.clock.wall(), UTC)
         self._writer = threading.Thread(target=self._write_loop, name=f"recorder-w-{self.ifname}", daemon=True)
         self._reader = threading.Thread(target=self._read_loop, name=f"recorder-{self.ifname}", daemon=True)
         self._writer.start()
@@ -213,7 +218,7 @@ class Recorder:
             raise RuntimeError("the Recorder was not started")
         if self._result is not None:
             return self._result
-        self._stop_ns = time.time_ns()  # the kernel stamps packets with the real wall clock, not self.clock
+        self._stopping.set()
         os.write(self._wake_w, b"x")  # the pipe stays open until the threads are done: this is never lost
         if not self._final.wait(timeout):
             with self._lock:
@@ -269,6 +274,15 @@ class Recorder:
         if self._reader is not None:
             self.stop()
 
+    def _carry(self, prior: dict) -> None:
+        """Counts from before a restart that the file does not hold."""
+        self._dropped = prior.get("dropped_by_cap", 0)
+        self._dropped_bytes = prior.get("bytes_dropped_by_cap", 0)
+        self._kernel_drops = prior.get("kernel_drops", 0)
+        self._truncated = bool(prior.get("truncated"))  # once the cap is reached, nothing more is written
+        if prior.get("started_at"):
+            self._started_at = datetime.fromisoformat(prior["started_at"])
+
     # ---- opening ----
 
     def _open_socket(self) -> None:
@@ -283,18 +297,20 @@ class Recorder:
         if linktype is None:
             raise RecordingError(f"{self.ifname}: link type ARPHRD {hatype} is not supported for recording")
         self._linktype = linktype
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, self.rcvbuf)
-        except PermissionError:  # without CAP_NET_ADMIN the buffer is capped at net.core.rmem_max
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf)
-        sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
-        sock.setblocking(False)
         self._read_kernel_drops()  # the counter runs from bind; reading it resets it
 
     def _bind(self) -> socket.socket:
         # Protocol 0 until bind: a packet socket created with ETH_P_ALL would see every interface until then.
         sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
         try:
+            # Before bind: the kernel switches its receive timestamps on a moment later (deferred work), and
+            # until then stamps a packet when it is read instead.
+            sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, self.rcvbuf)
+            except PermissionError:  # without CAP_NET_ADMIN the buffer is capped at net.core.rmem_max
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf)
+            sock.setblocking(False)
             self._ifindex = _ifindex(sock, self.ifname)
             sock.bind((self.ifname, _ETH_P_ALL))
             if _ifname(sock, self._ifindex) != self.ifname:
@@ -375,17 +391,23 @@ class Recorder:
         poller.register(self._wake_r, select.POLLIN)
         view = memoryview(bytearray(self.snaplen))
         last_flush = last_check = self.clock.mono()
-        drain_until = None
+        draining = False
+        drain_until = 0.0
         while True:
             now = self.clock.mono()
-            if drain_until is None and self._stop_ns is not None:
-                drain_until = now + STOP_DRAIN_S
+            if not draining and self._stopping.is_set():
+                # Unhook from the interface: nothing more is queued, what is queued stays to be read.
+                draining, drain_until = True, now + STOP_DRAIN_S
+                try:
+                    sock.bind((self.ifname, 0))
+                except OSError:
+                    pass  # the interface is gone: its hook went with it
             try:
-                got, past_stop = self._read_batch(sock, view)
+                got = self._read_batch(sock, view)
             except OSError as exc:
                 if exc.errno != errno.ENETDOWN:
                     raise
-                got, past_stop = 1, False  # "down" is reported once, then reading goes on: it may come up again
+                got = 1  # "down" is reported once, then reading goes on: it may come up again
                 if self._interface_exists():
                     self._note_down()
                 else:
@@ -394,27 +416,28 @@ class Recorder:
                 chunk, self._pending = self._pending, bytearray()
                 self._chunks.put(chunk)  # blocks only while the writer is a whole queue behind
                 last_flush = now
+            if draining:
+                if got == 0:
+                    return self._end("stopped")
+                if now >= drain_until:
+                    return self._end("stopped", "stopped before all that was captured could be read: "
+                                                "the rest was not recorded")
+                continue
             if now - last_check >= 1.0:
                 last_check = now
                 self._read_kernel_drops()
                 if not self._interface_exists():
                     return self._interface_gone(sock, view)
-            if drain_until is not None and (got == 0 or past_stop or now >= drain_until):
-                if got and not past_stop:
-                    self._end("stopped", "stopped while packets captured before the stop were still queued: "
-                                         "those were not recorded")
-                return self._end("stopped")
             if got == 0:
                 for fd, _ev in poller.poll(FLUSH_S * 1000):
                     if fd == self._wake_r:
                         os.read(self._wake_r, 64)
 
-    def _read_batch(self, sock: socket.socket, view: memoryview, limit: int = 512) -> tuple[int, bool]:
-        """Turn up to `limit` queued packets into records; (how many were read, whether the last one came
-        after the stop)."""
+    def _read_batch(self, sock: socket.socket, view: memoryview, limit: int = 512) -> int:
+        """Turn up to `limit` queued packets into records; how many were read."""
         n = 0
         pack = struct.Struct(self._fmt.endian + _RECORD).pack
-        nanos, snaplen, stop_ns, pending = self._fmt.nanos, self.snaplen, self._stop_ns, self._pending
+        nanos, snaplen, pending = self._fmt.nanos, self.snaplen, self._pending
         while n < limit:
             try:
                 length, anc, _flags, _addr = sock.recvmsg_into([view], _ANCBUF, socket.MSG_TRUNC)
@@ -422,8 +445,6 @@ class Recorder:
                 break
             n += 1
             sec, nsec = _kernel_time(anc) or divmod(time.time_ns(), 1_000_000_000)
-            if stop_ns is not None and sec * 1_000_000_000 + nsec > stop_ns:
-                return n, True
             caplen = min(length, snaplen)
             with self._lock:
                 if self._truncated or self._size + _RECORD_SIZE + caplen > self.cap:
@@ -434,7 +455,7 @@ class Recorder:
                 self._size += _RECORD_SIZE + caplen
             pending += pack(sec, nsec if nanos else nsec // 1000, caplen, length)
             pending += view[:caplen]
-        return n, False
+        return n
 
     def _truncate_by_cap(self, length: int) -> None:
         if not self._truncated:
@@ -447,7 +468,7 @@ class Recorder:
         self._dropped_bytes += length
 
     def _interface_gone(self, sock: socket.socket, view: memoryview) -> None:
-        while self._read_batch(sock, view)[0]:  # what the kernel queued before it went
+        while self._read_batch(sock, view):  # what the kernel queued before it went
             pass
         self._end("interface gone")
         log.info("recording %s: the interface is gone, capture ended", self.ifname)
