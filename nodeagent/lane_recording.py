@@ -57,9 +57,9 @@ class Recorders:
                 return None
             return RecordingInfo(error=error or "no recording was running for this lane (the agent could not start it)")
         r = rec.stop()
-        notes = "; ".join(r.notes) or None
+        notes = None  # the recorder's own notes (e.g. "resumed after N packets") are in the agent's log
         if r.end_reason not in ("stopped", "interface gone"):
-            notes = f"the recorder ended: {r.end_reason}" + (f" ({notes})" if notes else "")
+            notes = f"the recorder ended: {r.end_reason}" + (f" ({'; '.join(r.notes)})" if r.notes else "")
         return RecordingInfo(sha256=r.sha256, size=r.size, packets=r.packets, bytes=r.bytes,
                              dropped_by_cap=r.dropped_by_cap, kernel_drops=r.kernel_drops, truncated=r.truncated,
                              linktype=r.linktype, started_at=r.started_at,
