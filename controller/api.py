@@ -169,17 +169,26 @@ def set_password(user_id: UserId, body: PasswordIn, admin: AdminPrincipal, auth:
 # ---- events ----
 
 
-@router.get("/events", response_model=list[EventPublic], tags=["events"], summary="Authentication and account events (admin, soc)")
+@router.get("/events", response_model=list[EventPublic], tags=["events", "audit"],
+            summary="Audit records, in chain order (admin, soc)")
 def list_events(_reader: AuditReader, auth: AuthDep, after: int = Query(0, ge=0, le=DB_INT_MAX), limit: int = Query(100, ge=1, le=1000),
-                subject: str | None = Query(None, max_length=64, pattern=PRINTABLE), since: UtcTime | None = None) -> list[EventPublic]:
+                subject: str | None = Query(None, max_length=64, pattern=PRINTABLE), since: UtcTime | None = None,
+                until: UtcTime | None = None, type: str | None = Query(None, max_length=48, pattern=PRINTABLE),  # noqa: A002
+                session: str | None = Query(None, max_length=64, pattern=PRINTABLE),
+                device: str | None = Query(None, max_length=64, pattern=PRINTABLE)) -> list[EventPublic]:
     with auth.factory() as s:
         q = select(Event).where(Event.seq > after).order_by(Event.seq).limit(limit)
-        if subject:
-            q = q.where(Event.subject == subject)
+        for column, value in ((Event.subject, subject), (Event.type, type), (Event.session_ref, session),
+                              (Event.device_ref, device)):
+            if value:
+                q = q.where(column == value)
         if since:
             q = q.where(Event.at >= since)
+        if until:
+            q = q.where(Event.at <= until)
         return [
-            EventPublic(seq=e.seq, at=e.at, category=e.category, type=e.type, result=e.result, actor=e.actor,
-                        subject=e.subject, source=e.source, reason=e.reason, body=e.body or {})
+            EventPublic(seq=e.seq, at=e.at, clock=e.clock, category=e.category, type=e.type, result=e.result, actor=e.actor,
+                        subject=e.subject, source=e.source, reason=e.reason, session=e.session_ref, device=e.device_ref,
+                        body=e.body or {}, hash=e.hash, prev_hash=e.prev_hash, line=e.line)
             for e in s.scalars(q)
         ]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
@@ -15,10 +17,14 @@ from .agent_ca import AgentCA
 from .agent_link import LinkServer
 from .api import router
 from .api_agents import router as agents_router
+from .api_audit import router as audit_router
 from .api_inventory import router as inventory_router
 from .api_policy import router as policy_router
 from .api_sessions import router as sessions_router
+from .audit import chain as audit_chain
 from .audit.chain import AuditSigner, Checkpointer, register_key
+from .audit.shipper import Shipper
+from .audit.sinks import SinkConfigError, load_sinks
 from .auth import Auth
 from .db import make_engine, session_factory
 from .decisions import Decisions
@@ -32,7 +38,7 @@ from .session_clock import SessionClock
 from .session_lanes import Pusher
 from .session_queries import SessionQueries
 from .sessions import Sessions, active_count
-from .settings import Settings
+from .settings import Settings, SettingsError
 from .users import Users
 
 log = logging.getLogger("wicket.controller")
@@ -49,9 +55,13 @@ async def _lifespan(app: FastAPI):
     if settings.tick_ms:
         app.state.session_clock.start(settings.tick_ms / 1000)
     app.state.checkpointer.start()
+    if app.state.shipper is not None:
+        app.state.shipper.start()
     try:
         yield
     finally:
+        if app.state.shipper is not None:
+            app.state.shipper.stop()
         app.state.checkpointer.stop()
         app.state.session_clock.stop()
         if link is not None:
@@ -103,6 +113,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time, en
     app.state.audit_signer = signer
     app.state.checkpointer = Checkpointer(factory, signer, every=settings.audit_checkpoint_every,
                                           interval_s=settings.audit_checkpoint_s)
+    app.state.shipper = _shipper(settings, factory)
     app.state.session_queries = SessionQueries(auth)
     app.state.session_clock = SessionClock(app.state.sessions, warn_before_s=settings.warn_before_s)
     errors.install(app)
@@ -111,9 +122,26 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time, en
     app.include_router(policy_router)
     app.include_router(sessions_router)
     app.include_router(agents_router)
+    app.include_router(audit_router)
 
-    @app.get("/healthz", tags=["health"], summary="Liveness")
+    @app.get("/healthz", tags=["health"], summary="Liveness, and whether audit records are being written")
     def healthz() -> dict:
-        return {"status": "ok", "version": __version__}
+        audit = {"write_failures": audit_chain.health.failures, "last_write_error": audit_chain.health.last_error,
+                 "last_failure_at": audit_chain.health.last_failure_at}
+        return {"status": "ok", "version": __version__, "audit": audit}
 
     return app
+
+
+def _shipper(settings: Settings, factory) -> Shipper | None:
+    """The SIEM shipper, when sinks are configured (WICKET_AUDIT_SINKS_FILE, or <data_dir>/sinks.toml)."""
+    path = settings.audit_sinks_file or str(settings.data_dir / "sinks.toml")
+    if not settings.audit_sinks_file and not os.path.exists(path):
+        return None
+    try:
+        sinks = load_sinks(path)
+    except (SinkConfigError, OSError) as exc:
+        raise SettingsError(f"audit sinks {path}: {exc}") from None
+    if not sinks:
+        return None
+    return Shipper(factory, sinks, settings.replica_id or socket.gethostname()[:64])

@@ -38,7 +38,7 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from . import cli_agents, cli_inventory, cli_policy, cli_sessions
+from . import cli_agents, cli_audit, cli_inventory, cli_policy, cli_sessions
 from .cli_common import (
     EXIT_REFUSED,
     EXIT_USAGE,
@@ -336,6 +336,7 @@ cli_policy.register(app)
 cli_inventory.register(app)
 cli_sessions.register(app)
 cli_agents.register(app)
+cli_audit.register(app)
 
 
 # ---- logins ----

@@ -81,6 +81,31 @@ class Api:
         return _json(res) if res.content else None
 
 
+    def download(self, path: str, out: str, *, params: dict | None = None, timeout: float = 600) -> dict[str, str]:
+        """Stream a file the controller sends to `out` (0600, written whole or not at all); its headers."""
+        headers = {"User-Agent": f"wicket-cli/{__version__}"}
+        if self._token:
+            headers["Authorization"] = f"Bearer {self._token}"
+        tmp = f"{out}.part"
+        try:
+            with httpx.stream("GET", self.url + path, params=params, headers=headers, timeout=timeout) as res:
+                if res.status_code >= 400:
+                    res.read()
+                    raise _refusal(res)
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "wb") as f:
+                    for block in res.iter_bytes():
+                        f.write(block)
+                os.replace(tmp, out)
+                return dict(res.headers)
+        except httpx.TransportError as exc:
+            raise CliError(f"cannot reach the controller at {self.url} ({str(exc) or type(exc).__name__})",
+                           exit_code=EXIT_UNREACHABLE) from None
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
 def _refusal(res: httpx.Response) -> CliError:
     try:
         data = res.json()

@@ -130,8 +130,11 @@ class RecoveryCodesOut(BaseModel):
 
 
 class EventPublic(BaseModel):
+    """One audit record. `line` is the exact text that was hashed: verify from it, not from these fields."""
+
     seq: int
     at: datetime
+    clock: str
     category: str
     type: str
     result: str
@@ -139,7 +142,12 @@ class EventPublic(BaseModel):
     subject: str | None
     source: str | None
     reason: str | None
+    session: str | None
+    device: str | None
     body: dict
+    hash: str
+    prev_hash: str
+    line: str
 
 
 class ErrorOut(BaseModel):

@@ -94,6 +94,15 @@ _ROWS = {
     "POST /api/v1/auth/password":                                  (401, 401, 401, 204, 204, 204, 204, 204, 204, 204, 204),
     "POST /api/v1/auth/logout":                                    (401, 401, 401, 204, 204, 204, 204, 204, 204, 204, 204),
     "GET /api/v1/events":                                          (401, 401, 401, 403, 403, 403, 403, 403, 403, 200, 200),
+    # the audit chain: soc and admin read it; anyone logged in may fetch the public keys to verify with
+    "GET /api/v1/audit/head":                                      (401, 401, 401, 403, 403, 403, 403, 403, 403, 200, 200),
+    "GET /api/v1/audit/checkpoints":                               (401, 401, 401, 403, 403, 403, 403, 403, 403, 200, 200),
+    "GET /api/v1/audit/keys":                                      (401, 401, 401, 200, 200, 200, 200, 200, 200, 200, 200),
+    "GET /api/v1/audit/verify":                                    (401, 401, 401, 403, 403, 403, 403, 403, 403, 200, 200),
+    "GET /api/v1/audit/export":                                    (401, 401, 401, 403, 403, 403, 403, 403, 403, 200, 200),
+    "GET /api/v1/audit/access":                                    (401, 401, 401, 403, 403, 403, 403, 403, 403, 200, 200),
+    "GET /api/v1/audit/sinks":                                     (401, 401, 401, 403, 403, 403, 403, 403, 403, 200, 200),
+    "GET /api/v1/sessions/{sid}/recording @missing":               (401, 401, 401, 403, 403, 403, 403, 403, 403, 404, 404),
     # sites and their agents: reading needs a role at the site (else 404); changes: site_admin there or admin
     "GET /api/v1/sites":                                           (401, 401, 401, 200, 200, 200, 200, 200, 200, 200, 200),
     "POST /api/v1/sites":                                          (401, 401, 401, 403, 403, 403, 403, 403, 403, 403, 201),
@@ -573,6 +582,8 @@ class World:
                   else None)
         if route == "GET /api/v1/sessions":
             params = {"limit": 1000, **({"scope": "all"} if target == "all" else {})}
+        elif route == "GET /api/v1/audit/access":
+            params = {"device": MISSING_ASSET}
         elif route == "GET /api/v1/devices/{asset_id}/access":
             self.session_setup()
             asset = MISSING_ASSET if target == "missing" else self.session_devices[f"rtu:{target}"]

@@ -77,6 +77,7 @@ from controller.models import (
     NodeAgent,
     PolicyVersion,
     RoleGrant,
+    SessionRecording,
     Site,
     User,
 )
@@ -940,6 +941,7 @@ USEFUL_SESSIONS: dict[str, Callable] = {
     "POST /api/v1/sessions/{sid}/revoke": lambda me, now: (S.state.in_(OPEN),),
     "POST /api/v1/sessions/{sid}/review": lambda me, now: (S.break_glass.is_(True), S.reviewed_at.is_(None), S.user_id != me,
                                                            S.state != "denied"),
+    "GET /api/v1/sessions/{sid}/recording": lambda me, now: (S.id.in_(select(SessionRecording.session_id)),),
 }
 # label → the sessions made just before the operation runs: a few more than its requests use up
 TOP_UP: dict[str, tuple[tuple[str, int], ...]] = {
@@ -955,6 +957,7 @@ TOP_UP: dict[str, tuple[tuple[str, int], ...]] = {
     "POST /api/v1/sessions/{sid}/revoke": (("pending", 3), ("approved", 2)),
     "POST /api/v1/sessions/{sid}/review": (("break-glass", 4),),
     "GET /api/v1/devices/{asset_id}/access": (("active", 1),),
+    "GET /api/v1/sessions/{sid}/recording": (("recorded", 1),),
 }
 ADMIN_ROLES = (("admin", None), ("approver", SESSION_SITE), ("break_glass", SESSION_SITE), ("engineer", SESSION_SITE))
 REQUESTER_ROLES = (("break_glass", SESSION_SITE), ("engineer", SESSION_SITE))
@@ -1015,8 +1018,15 @@ class SessionPool:
             expected = "closed"
         else:
             row = self.service.request(admin, asset_id="SES-RTU", task="iec104-diagnostics", duration=timedelta(hours=1),
-                                       reason=f"diagnostics {n}", public_key=None, source=None, activate=kind == "active").session
-            expected = kind
+                                       reason=f"diagnostics {n}", public_key=None, source=None,
+                                       activate=kind in ("active", "recorded")).session
+            expected = "active" if kind == "recorded" else kind
+            if kind == "recorded":  # as if its node had delivered a payload recording
+                path = self.ctl.settings.data_dir / f"fuzz-{row.id}.pcap"
+                path.write_bytes(b"\xd4\xc3\xb2\xa1" + bytes(20))
+                with transaction(self.factory) as s:
+                    s.add(SessionRecording(node="fuzz", ident=f"fuzz-{n}", session_id=row.id, sha256="0" * 64, size=24,
+                                           path=str(path), received_at=datetime.now(UTC)))
         assert row.state == expected, (kind, row.state, row.decision)
 
     def principal(self, user_id: int) -> Principal:
