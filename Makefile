@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 # The controller's tests run on SQLite and on this local PostgreSQL (loopback only).
 PG_TEST_URL := postgresql+psycopg://wicket_test:wicket_test@127.0.0.1:5432/postgres
 
-.PHONY: setup system venv pg demo test test-fast lint bench bench-lanes bench-policy bench-sessions bench-link sweep clean
+.PHONY: setup system venv pg demo test test-fast lint bench bench-lanes bench-policy bench-sessions bench-link bench-audit sweep clean
 
 setup: system venv
 
@@ -57,7 +57,7 @@ lint: venv
 	$(VENV)/bin/ruff check nodeagent controller tests bench
 
 # Each benchmark writes its own section of docs/benchmarks.md (and its raw numbers to docs/bench/).
-bench: bench-lanes bench-policy bench-sessions bench-link
+bench: bench-lanes bench-policy bench-sessions bench-link bench-audit
 
 bench-lanes: setup
 	$(PY) -m bench.lanes $(BENCH_ARGS)
@@ -75,6 +75,11 @@ bench-sessions: setup pg
 # agents on loopback (memory, idle CPU, push latency, reconnection after a restart); about five minutes.
 bench-link: setup
 	$(PY) -m bench.link $(BENCH_LINK_ARGS)
+
+# audit append (SQLite, and PostgreSQL) and offline verification speed
+bench-audit: setup pg
+	WICKET_TEST_POSTGRES_URL=$(PG_TEST_URL) $(PY) -m bench.audit_append $(BENCH_AUDIT_ARGS)
+	$(PY) -m bench.audit_verify
 
 sweep: venv
 	$(PY) -m tests.lab sweep

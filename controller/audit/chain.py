@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from sqlalchemy import event as sa_event
-from sqlalchemy import func, select, update
+from sqlalchemy import func, insert, select, text
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -91,25 +91,27 @@ def queue(session: Session, row: Event) -> None:
     session.info.setdefault(PENDING, []).append(row)
 
 
+_TAKE = text("UPDATE audit_head SET seq = seq + :n WHERE id = 1 RETURNING seq, hash")
+_MOVE = text("UPDATE audit_head SET hash = :hash WHERE id = 1")
+_COLUMNS = ("seq", "at", "category", "type", "result", "actor_id", "actor", "subject", "source", "reason", "body", "clock",
+            "session_ref", "device_ref", "line", "leaf", "prev_hash", "hash")
+
+
 def _seal_pending(session: Session) -> None:
     pending: list[Event] = session.info.pop(PENDING, None) or []
     if not pending:
         return
     try:
         # The UPDATE takes the head's row lock (PostgreSQL) or the write lock (SQLite) before anything is
-        # read: two transactions cannot both take the same sequence numbers.
-        last, prev = session.execute(
-            update(AuditHead).where(AuditHead.id == 1).values(seq=AuditHead.seq + len(pending))
-            .returning(AuditHead.seq, AuditHead.hash).execution_options(synchronize_session=False)).one()
+        # read: two transactions cannot both take the same sequence numbers. Core statements, not the ORM:
+        # this runs in every audited transaction.
+        last, prev = session.execute(_TAKE, {"n": len(pending)}).one()
         head = seal_rows(pending, last - len(pending) + 1, prev)
-        session.execute(update(AuditHead).where(AuditHead.id == 1).values(hash=head)
-                        .execution_options(synchronize_session=False))
-        session.add_all(pending)
-        session.flush()
+        session.execute(_MOVE, {"hash": head})
+        session.execute(insert(Event), [{c: getattr(row, c) for c in _COLUMNS} for row in pending])
     except SQLAlchemyError as exc:
         health.failed(exc)
         raise AuditWriteError(f"the audit record could not be written ({_brief(exc)}); the action was not done") from exc
-    health.ok()
 
 
 def _drop_pending(session: Session, *_args) -> None:
@@ -140,9 +142,6 @@ class _Health:
         self.failures += 1
         self.last_error, self.last_failure_at = _brief(exc), datetime.now(UTC)
         log.error("AUDIT WRITE FAILED: %s — the action that caused it was refused", self.last_error)
-
-    def ok(self) -> None:
-        pass
 
 
 health = _Health()
