@@ -50,6 +50,11 @@ def test_the_demo_runs_end_to_end_and_checks_what_it_shows():
         "the signature verifies with the key it enrolled",
         "✔ every refused attempt is in the evidence",
         "✔ request, approval, activation, opening, download, expiry and evidence are recorded",
+        "✔ session.evidence record",
+        "node evidence delivered",
+        "✔ the bundle verifies offline with the pinned key",
+        "✔ who had access to RTU-17, from the bundle alone: erin",
+        "✔ the change is caught: record ",
         "the lab is removed",
     ]
     missing = [line for line in expected if line not in out]

@@ -123,6 +123,7 @@ def _run(lab: Lab, n: Narrator, seconds: int) -> None:
         _expiry(lab, n, ctl, agent, eng, sid, end)
         _evidence(lab, n, ctl, sid)
         _audit(n, ctl, sid)
+        _proof(n, ctl, sid, workdir)
     except Exception:
         _tail("controller log", ctl.log())
         _tail("agent log", agent.log())
@@ -400,6 +401,63 @@ def _audit(n: Narrator, ctl: LabController, sid: str) -> None:
     refused = any(e.type == "session.config" and e.result == "failure" for e in rows)
     n.check(not missing and refused, "request, approval, activation, opening, download, expiry and evidence are recorded, "
             "and the refused second download too" if not missing and refused else f"audit events missing: {missing or 'refused download'}")
+
+
+def _proof(n: Narrator, ctl: LabController, sid: str, workdir: str) -> None:
+    """The session's evidence record, an export bundle verified offline, and a tampered copy caught."""
+    import io
+    import tarfile
+
+    from controller.audit import bundle, verify
+
+    n.step("The proof: one evidence record, a bundle anyone can check offline")
+    state = ctl.app.state
+    ev = wait_for(lambda: _evidence_record(state, sid), timeout=15, interval=0.25)
+    n.check(ev is not None, f"session.evidence record {ev.seq if ev else '?'} in the chain: who asked and approved, the "
+            "device's passport, times, end reason, policy, flows and bytes, the agent's signature" if ev else
+            "no session.evidence record")
+    if ev:
+        b = ev.body
+        n.say(f"{b['user']} on {b['device']} ({b['task']}), approved by {', '.join(a['approver'] for a in b['approvals'])}; "
+              f"{b['totals']['bytes_out']} B out, {b['totals']['bytes_in']} B in, {len(b['anomalies'])} refused attempts; "
+              f"ended: {b['end_reason']}; node evidence {b['node_evidence']}")
+    path = f"{workdir}/proof.tar.gz"
+    kid = state.audit_signer.key_id
+    n.cmd(f"wicket audit export --session {sid} -o proof.tar.gz")
+    summary = bundle.export_bundle(state.auth.factory, path, signer=state.audit_signer, session=sid, exported_by="root",
+                                   checkpoint_now=lambda: state.checkpointer.run_once(at_head=True))
+    n.say(f"records {summary.first_seq}..{summary.last_seq}: {summary.full} of this session in full, "
+          f"{summary.redacted} others as hashes only, {summary.checkpoints} signed checkpoint(s)")
+    n.cmd(f"wicket audit verify proof.tar.gz --trust {kid}")
+    report = verify.verify_bundle(path, [kid])
+    n.show(report.text())
+    n.check(report.ok, "the bundle verifies offline with the pinned key")
+    rows = bundle.who_had_access(verify.bundle_events(path), DEVICE)
+    n.check([r["session"] for r in rows] == [sid], f"who had access to {DEVICE}, from the bundle alone: "
+            + ", ".join(f"{r['engineer']} ({r['session']}, approved by {', '.join(r['approvers'])})" for r in rows))
+    # Change one byte of one record, as someone editing the stored log would, and check again.
+    tampered = f"{workdir}/tampered.tar.gz"
+    with tarfile.open(path) as src, tarfile.open(tampered, "w:gz") as dst:
+        for member in src.getmembers():
+            data = src.extractfile(member).read()
+            if member.name.endswith("records.log"):
+                data = data.replace(b'"result":"success"', b'"result":"failure"', 1)
+            member.size = len(data)
+            dst.addfile(member, io.BytesIO(data))
+    n.cmd("wicket audit verify tampered.tar.gz   # one byte of one record changed")
+    bad = verify.verify_bundle(tampered, [kid])
+    n.show(bad.text(limit=3))
+    n.check(not bad.ok and bad.problems[0].where in ("record", "bundle", "manifest"), f"the change is caught: {bad.problems[0]}"
+            if bad.problems else "the change was NOT caught")
+
+
+def _evidence_record(state, sid: str):
+    from sqlalchemy import select
+
+    from controller.models import Event
+
+    with state.auth.factory() as s:
+        return s.scalar(select(Event).where(Event.session_ref == sid, Event.type == "session.evidence"))
 
 
 # ---- helpers ----
