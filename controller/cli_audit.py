@@ -48,13 +48,14 @@ def export(ctx: typer.Context, output: Annotated[Path, typer.Option("--output", 
 def verify_cmd(bundle_file: Annotated[Path, typer.Argument(metavar="BUNDLE", exists=True, dir_okay=False)],
                trust: Annotated[list[str] | None, typer.Option("--trust", metavar="KEY",
                                                                help="key id or base64 public key the bundle must be signed with")] = None,
+               deep: Annotated[bool, typer.Option("--deep", help="also parse every record and check it is canonical (slower)")] = False,
                as_json: JsonOpt = False) -> None:
     """Check a bundle offline: every hash, the numbering, every signature, the checkpoints, the manifest.
     Needs no controller. Names the first bad record. Exit 0 when whole, 1 when anything is wrong."""
     from .audit import verify
 
     try:
-        report = verify.verify_bundle(bundle_file, trust or None)
+        report = verify.verify_bundle(bundle_file, trust or None, deep=deep)
     except verify.TrustError as exc:
         raise CliError(str(exc)) from None
     if as_json:
