@@ -603,4 +603,6 @@ async def _send_quietly(writer: asyncio.StreamWriter, msg) -> None:
 
 def _peer(writer) -> str:
     addr = writer.get_extra_info("peername")
-    return f"{addr[0]}:{addr[1]}" if addr else "?"
+    if not addr:
+        return "?"
+    return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"

@@ -141,7 +141,7 @@ def _shipper(settings: Settings, factory) -> Shipper | None:
     try:
         sinks = load_sinks(path)
     except (SinkConfigError, OSError) as exc:
-        raise SettingsError(f"audit sinks {path}: {exc}") from None
+        raise SettingsError(str(exc) if isinstance(exc, SinkConfigError) else f"audit sinks {path}: {exc}") from None
     if not sinks:
         return None
     return Shipper(factory, sinks, settings.replica_id or socket.gethostname()[:64])

@@ -48,7 +48,8 @@ def record(
     except (TypeError, ValueError) as exc:
         raise ValueError(f"event {type}: body is not plain JSON: {exc}") from None
     session_ref = body.get("session_id") or (subject if category in ("session", "evidence") else None)
-    device_ref = body.get("device") or body.get("device_id")
+    device_ref = body.get("device") or body.get("device_id") or (
+        subject if type in ("device.create", "device.update", "device.delete") else None)
     event = Event(
         at=at or now(), category=category, type=type, result=result, actor_id=actor_id, actor=actor,
         subject=subject, source=source, reason=reason, body=body, clock=chain.clock_state(),

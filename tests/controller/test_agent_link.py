@@ -38,6 +38,8 @@ from controller.session_lanes import bump, desired_state
 from nodeagent import __version__ as agent_version
 from nodeagent.enroll import EnrolError, enroll, new_tls_key
 from nodeagent.wire import (
+    OLDEST_SERVED,
+    PROTOCOL_VERSION,
     AgentStatus,
     Applied,
     DesiredNodeState,
@@ -656,30 +658,32 @@ def test_an_agent_that_never_answers_gives_503_after_the_ack_timeout(make_link):
 
 
 @SQLITE
-def test_a_version_1_agent_is_served_in_version_1(lctl):
+def test_an_agent_one_version_behind_is_served_in_its_version(lctl):
+    old = OLDEST_SERVED
+    assert old == PROTOCOL_VERSION - 1
     lctl.enrolled(SITE, NODE)
     peer = lctl.peer(NODE)
-    welcome = peer.hello(NODE, version=1)
-    assert isinstance(welcome, Welcome) and welcome.protocol_version == 1  # the version both sides speak
+    welcome = peer.hello(NODE, version=old)
+    assert isinstance(welcome, Welcome) and welcome.protocol_version == old  # the version both sides speak
     first = peer.until(DesiredNodeState)
-    assert first.protocol_version == 1
-    peer.send(applied_for(first), version=1)
+    assert first.protocol_version == old
+    peer.send(applied_for(first), version=old)
     assert peer.sync() is None
     later = bump_and_build(lctl)
     lctl.link.wake(NODE)
     again = peer.until(DesiredNodeState)
-    assert (again.generation, again.protocol_version) == (later.generation, 1)
+    assert (again.generation, again.protocol_version) == (later.generation, old)
     row = agent_row(lctl)
-    assert row.protocol_version == 1 and row.applied_generation == first.generation
+    assert row.protocol_version == old and row.applied_generation == first.generation
 
 
 @SQLITE
 def test_a_hello_in_a_version_not_served_gets_a_goodbye_naming_the_range(lctl):
     lctl.enrolled(SITE, NODE)
-    for version, fix in ((0, "upgrade the agent"), (3, "upgrade the controller first")):
+    for version, fix in ((OLDEST_SERVED - 1, "upgrade the agent"), (PROTOCOL_VERSION + 1, "upgrade the controller first")):
         bye = lctl.peer(NODE).hello(NODE, version=version)
         assert isinstance(bye, Goodbye) and not bye.retry
-        assert bye.reason == f"agent protocol v{version}: this controller serves v1 to v2; {fix}"
+        assert bye.reason == f"agent protocol v{version}: this controller serves v{OLDEST_SERVED} to v{PROTOCOL_VERSION}; {fix}"
     assert events(lctl, "agent.link_up") == [] and not agent_row(lctl).connected
 
 
@@ -816,7 +820,7 @@ def test_agents_api_shows_the_link_and_revoking_needs_a_step_up(lctl):
     (shown,) = res.json()
     assert shown["name"] == NODE and shown["site"] == SITE and shown["connected"] is True
     assert shown["applied_generation"] == shown["generation"]
-    assert (shown["agent_version"], shown["protocol_version"], shown["clock_synchronized"]) == (agent_version, 2, True)
+    assert (shown["agent_version"], shown["protocol_version"], shown["clock_synchronized"]) == (agent_version, PROTOCOL_VERSION, True)
     assert shown["certificate_not_after"] and shown["enrolled_at"] and shown["revoked_at"] is None
     assert [a["name"] for a in lctl.client.get(f"{API}/agents", headers=headers(lctl, soc)).json()] == [NODE]
     assert lctl.client.get(f"{API}/agents", headers=headers(lctl, sadm2)).json() == []
