@@ -4,6 +4,7 @@ health, and sessions' payload recordings."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from datetime import datetime
@@ -63,10 +64,37 @@ def verify_live(_reader: ChainReader, auth: AuthDep) -> dict:
         cps = list(s.scalars(select(AuditCheckpoint).where(AuditCheckpoint.tree_size <= head_seq)
                              .order_by(AuditCheckpoint.tree_size)))
         key_rows = list(s.scalars(select(AuditKey)))
-        rows = s.execute(select(Event.seq, Event.hash, Event.line, Event.leaf, Event.prev_hash).where(Event.seq <= head_seq)
-                         .order_by(Event.seq).execution_options(yield_per=5000))
-        report = verify.verify_records(rows, cps, key_rows, expected_head=(head_seq, head_hash))
+        rows = s.execute(select(Event).where(Event.seq <= head_seq).order_by(Event.seq).execution_options(yield_per=5000))
+        mismatched: list[verify.Problem] = []
+
+        def checked(stream):
+            for (row,) in stream:
+                if (why := _columns_differ(row)) is not None:
+                    mismatched.append(verify.Problem("record", f"the {why} column differs from the record's hashed line "
+                                                     "(the table was edited; the line is what the chain vouches for)",
+                                                     seq=row.seq))
+                yield row
+
+        report = verify.verify_records(checked(rows), cps, key_rows, expected_head=(head_seq, head_hash),
+                                       trusted_keys=[k.key_id for k in key_rows] or None)
+    report.problems = sorted(report.problems + mismatched, key=lambda p: (p.seq is None, p.seq or 0))
     return report.as_dict()
+
+
+_LINE_FIELDS = {"category": "category", "type": "type", "result": "result", "actor": "actor", "actor_id": "actor_id",
+                "subject": "subject", "source": "source", "reason": "reason", "session": "session_ref",
+                "device": "device_ref", "clock": "clock", "body": "body"}
+
+
+def _columns_differ(row: Event) -> str | None:
+    try:
+        obj = json.loads(row.line)
+    except ValueError:
+        return None  # the verifier reports the line itself
+    for key, column in _LINE_FIELDS.items():
+        if obj.get(key) != getattr(row, column):
+            return column
+    return None
 
 
 @router.get("/audit/export", summary="A self-contained bundle (tar) of the chain for offline verification",
@@ -125,11 +153,15 @@ def recording(request: Request, caller: ChainReader, auth: AuthDep, source: Sour
     if len(found) < n:
         raise NotFound(f"session {sid} has no payload recording" + (f" number {n}" if found else ""))
     rec = found[n - 1]
+    path = request.app.state.recordings.file(rec)
+    if not path.is_file():
+        raise NotFound(f"the recording of session {sid} is listed but its file {rec.path} is not under this controller's "
+                       "recordings directory (several replicas must share it)")
     with transaction(auth.factory) as s:
         events.record(s, at=auth.now(), category="audit", type="session.recording_download", result="success",
                       actor_id=caller.user_id, actor=caller.username, subject=sid, source=source, session_id=sid,
                       sha256=rec.sha256, size=rec.size)
-    return FileResponse(rec.path, media_type="application/vnd.tcpdump.pcap", filename=f"{sid}-{n}.pcap",
+    return FileResponse(path, media_type="application/vnd.tcpdump.pcap", filename=f"{sid}-{n}.pcap",
                         headers={"X-Wicket-Recording-SHA256": rec.sha256})
 
 

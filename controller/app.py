@@ -126,9 +126,11 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time, en
 
     @app.get("/healthz", tags=["health"], summary="Liveness, and whether audit records are being written")
     def healthz() -> dict:
-        audit = {"write_failures": audit_chain.health.failures, "last_write_error": audit_chain.health.last_error,
-                 "last_failure_at": audit_chain.health.last_failure_at}
-        return {"status": "ok", "version": __version__, "audit": audit}
+        h = audit_chain.health
+        audit = {"failing": h.failing, "write_failures": h.failures, "last_write_error": h.last_error,
+                 "last_failure_at": h.last_failure_at, "last_write_at": h.last_ok_at}
+        # Still alive (200), but an operator's monitor must see that actions are being refused.
+        return {"status": "audit_failing" if h.failing else "ok", "version": __version__, "audit": audit}
 
     return app
 

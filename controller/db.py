@@ -52,9 +52,19 @@ def session_factory(engine: Engine) -> sessionmaker[Session]:
 
 @contextmanager
 def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
-    """One unit of work: committed when the block ends, rolled back if it raises."""
-    with factory() as session, session.begin():
-        yield session
+    """One unit of work: committed when the block ends, rolled back if it raises. A commit that fails
+    after its audit records were sealed is an audit write failure (`controller.audit.chain`)."""
+    from .audit import chain
+
+    with factory() as session:
+        try:
+            with session.begin():
+                yield session
+        except Exception as exc:
+            audit_error = chain.commit_failed(session, exc)
+            if audit_error is not None:
+                raise audit_error from exc
+            raise
 
 
 def migrate(engine: Engine) -> None:

@@ -166,7 +166,8 @@ class Agents:
             s.add(AgentCertificate(serial=issued.serial, node=node, issued_at=now, not_after=issued.not_after))
             events.record(s, at=now, category="agent", type="agent.enrol", result="success", actor=events.agent_actor(node), subject=node,
                           source=source, site=site.name, join_token_id=ident, certificate=issued.serial,
-                          not_after=_iso(issued.not_after), agent_version=agent_version[:32])
+                          not_after=_iso(issued.not_after), agent_version=agent_version[:32],
+                          evidence_public_key=evidence_key)  # ties the node's evidence signatures to this enrolment
             return Enrolment(node, site.name, issued)
 
     def renew(self, node: str, serial: str, csr_pem: str, source: str | None) -> Issued:

@@ -97,7 +97,7 @@ class RecordingStore:
             try:
                 with s.begin_nested():
                     s.add(SessionRecording(node=node, ident=chunk.ident, session_id=ev.session_id, sha256=digest,
-                                           size=final.stat().st_size, path=str(final),
+                                           size=final.stat().st_size, path=str(final.relative_to(self.root)),
                                            truncated=bool((ev.body.get("recording") or {}).get("truncated")), received_at=now))
             except IntegrityError:
                 return True  # another replica stored it in the same moment
@@ -106,6 +106,11 @@ class RecordingStore:
                           device=ev.body.get("device_id"), ident=chunk.ident, sha256=digest, size=final.stat().st_size,
                           truncated=bool((ev.body.get("recording") or {}).get("truncated")))
         return True
+
+    def file(self, rec: SessionRecording) -> Path:
+        """Where a recording's file is: under this replica's recordings directory (a shared mount when
+        there are several replicas, like the keys)."""
+        return self.root / rec.path
 
     def find(self, session_id: str) -> list[SessionRecording]:
         with self.factory() as s:

@@ -19,7 +19,7 @@ from nodeagent.wire import EVIDENCE_SIGNATURE_CONTEXT
 
 from . import events
 from .db import transaction
-from .models import AccessSession, Device, LaneEvidenceRecord, SessionRecording
+from .models import AccessSession, Device, LaneEvidenceRecord
 
 _NO_LANE_STATES = ("pending_approval", "approved", "denied", "rejected")
 
@@ -45,15 +45,14 @@ def record_ready(factory: sessionmaker[Session], now: datetime, wait_s: float, s
             final = any(lane.end_reason != "replaced" for lane in lanes)
             if not final and now - row.ended_at < timedelta(seconds=wait_s):
                 continue
-            recordings = list(s.scalars(select(SessionRecording).where(SessionRecording.session_id == candidate)))
             device = s.scalar(select(Device).where(Device.asset_id == row.asset_id))
-            body = compose(row, lanes, device, recordings)
+            body = compose(row, lanes, device)
             events.record(s, at=now, category="evidence", type="session.evidence",
                           result="success" if body["node_evidence"] == "delivered" else "failure",
                           actor="system", subject=row.id, reason=None if final else "node_evidence_missing", **body)
             if body["anomalies"]:
                 events.record(s, at=now, category="evidence", type="session.anomaly", result="failure", actor="system",
-                              subject=row.id, reason="blocked_attempts", session_id=row.id, device=row.asset_id,
+                              subject=row.id, reason=_anomaly_reason(body["anomalies"]), session_id=row.id, device=row.asset_id,
                               user=row.username, site=row.site, anomalies=body["anomalies"][:50],
                               anomalies_total=len(body["anomalies"]))
             row.evidence_recorded_at = now
@@ -61,8 +60,7 @@ def record_ready(factory: sessionmaker[Session], now: datetime, wait_s: float, s
     return done
 
 
-def compose(row: AccessSession, lanes: list[LaneEvidenceRecord], device: Device | None,
-            recordings: list[SessionRecording] | None = None) -> dict:
+def compose(row: AccessSession, lanes: list[LaneEvidenceRecord], device: Device | None) -> dict:
     """The evidence record's body (the field reference is docs/soc-reference.md)."""
     approvals = [{"approver": a.approver, "verdict": a.verdict, "reason": a.reason, "at": _iso(a.at), "kind": a.kind}
                  for a in row.approvals]
@@ -82,6 +80,11 @@ def compose(row: AccessSession, lanes: list[LaneEvidenceRecord], device: Device 
         opened = opened or ev.get("opened_at")
         closed = ev.get("closed_at") or closed
     final = [lane for lane in lanes if lane.end_reason != "replaced"]
+    recordings = [{"ident": lane.ident, **{k: (lane.body.get("recording") or {}).get(k)
+                                           for k in ("sha256", "size", "packets", "truncated", "error")}}
+                  for lane in lanes if lane.body.get("recording")]
+    if row.recording == "payload":
+        anomalies += _recording_anomalies(lanes)
     return {
         "session_id": row.id, "user": row.username, "device": row.asset_id, "site": row.site, "task": row.task,
         "reason_given": row.reason, "incident": row.incident, "break_glass": row.break_glass,
@@ -97,14 +100,38 @@ def compose(row: AccessSession, lanes: list[LaneEvidenceRecord], device: Device 
         "end_reason": row.end_reason, "ended_by": row.ended_by, "extensions": row.extensions,
         "policy_version": row.policy_version, "decision": row.decision,
         "recording": row.recording,
-        "recordings": [{"sha256": r.sha256, "size": r.size, "truncated": r.truncated, "ident": r.ident}
-                       for r in recordings or []],
+        "recordings": recordings,  # as the node signed them; the files follow (`session.recording` records)
         "totals": totals,
         "wireguard": {"rx_bytes": wg_rx, "tx_bytes": wg_tx, "handshakes_observed": handshakes},
         "anomalies": anomalies,
         "node_evidence": "delivered" if final else ("partial" if lanes else "missing"),
         "lanes": [_lane(lane) for lane in lanes],
     }
+
+
+def _anomaly_reason(anomalies: list[dict]) -> str:
+    kinds = {a["kind"] for a in anomalies}
+    if kinds == {"blocked_attempt"}:
+        return "blocked_attempts"
+    return "recording_failed" if "blocked_attempt" not in kinds else "blocked_attempts_and_recording"
+
+
+def _recording_anomalies(lanes: list[LaneEvidenceRecord]) -> list[dict]:
+    """The task asked for a payload recording (break-glass always does): a lane without a whole one is an
+    anomaly for the SOC, not a detail in the node's record."""
+    out = []
+    for lane in lanes:
+        rec = lane.body.get("recording")
+        if rec is None:
+            out.append({"kind": "recording_missing", "lane": lane.ident,
+                        "detail": "the node made no payload recording (an agent older than protocol v3, or none was started)"})
+        elif rec.get("error") or not rec.get("sha256"):
+            out.append({"kind": "recording_failed", "lane": lane.ident, "detail": rec.get("error") or "no recording file"})
+        elif rec.get("truncated"):
+            out.append({"kind": "recording_truncated", "lane": lane.ident,
+                        "detail": f"the recording stopped at its cap ({rec.get('size')} bytes); "
+                                  f"{rec.get('dropped_by_cap')} packets were not written"})
+    return out
 
 
 def _lane(lane: LaneEvidenceRecord) -> dict:

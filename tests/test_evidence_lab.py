@@ -108,9 +108,10 @@ def test_evidence_bytes_match_the_generator_and_the_recording_matches_its_signed
     assert rec["sha256"] and rec["packets"] > 0 and not rec["error"], rec
     assert wait_for(lambda: ctl.app.state.recordings.find(sid), timeout=30), "the recording never arrived"
     (stored,) = ctl.app.state.recordings.find(sid)
-    data = Path(stored.path).read_bytes()
+    pcap = ctl.app.state.recordings.file(stored)
+    data = pcap.read_bytes()
     assert hashlib.sha256(data).hexdigest() == rec["sha256"] == stored.sha256 and len(data) == rec["size"]
-    shown = subprocess.run(["tcpdump", "-nn", "-r", stored.path], capture_output=True, text=True, timeout=60)
+    shown = subprocess.run(["tcpdump", "-nn", "-r", str(pcap)], capture_output=True, text=True, timeout=60)
     assert shown.returncode == 0, shown.stderr
     lines = shown.stdout.splitlines()
     assert len(lines) == rec["packets"] and any(f"{lab.addr('rtu1')}.2404" in line for line in lines), lines[:5]

@@ -41,6 +41,7 @@ log = logging.getLogger("wicket.controller.audit")
 GENESIS = "0" * 64
 FORMAT_VERSION = 1
 PENDING = "wicket_audit_pending"
+SEALED = "wicket_audit_sealed"
 
 
 class AuditWriteError(AuditUnavailable):
@@ -112,10 +113,25 @@ def _seal_pending(session: Session) -> None:
     except SQLAlchemyError as exc:
         health.failed(exc)
         raise AuditWriteError(f"the audit record could not be written ({_brief(exc)}); the action was not done") from exc
+    session.info[SEALED] = len(pending)
+
+
+def commit_failed(session: Session, exc: Exception) -> AuditWriteError | None:
+    """A commit failed (a full disk, a lost server): if it carried audit records, that is an audit write
+    failure — raised as one and counted — rather than a bare database error."""
+    if not session.info.pop(SEALED, None) or not isinstance(exc, SQLAlchemyError):
+        return None
+    health.failed(exc)
+    return AuditWriteError(f"the audit record could not be written ({_brief(exc)}); the action was not done")
 
 
 def _drop_pending(session: Session, *_args) -> None:
     session.info.pop(PENDING, None)
+
+
+def _committed(session: Session) -> None:
+    if session.info.pop(SEALED, None):
+        health.ok()
 
 
 def install() -> None:
@@ -123,6 +139,7 @@ def install() -> None:
     if not sa_event.contains(Session, "before_commit", _seal_pending):
         sa_event.listen(Session, "before_commit", _seal_pending)
         sa_event.listen(Session, "after_rollback", _drop_pending)
+        sa_event.listen(Session, "after_commit", _committed)
 
 
 def _brief(exc: Exception) -> str:
@@ -137,11 +154,20 @@ class _Health:
         self.failures = 0
         self.last_error: str | None = None
         self.last_failure_at: datetime | None = None
+        self.last_ok_at: datetime | None = None
+
+    @property
+    def failing(self) -> bool:
+        """The newest audit write failed (no record has been written since)."""
+        return self.last_failure_at is not None and (self.last_ok_at is None or self.last_ok_at < self.last_failure_at)
 
     def failed(self, exc: Exception) -> None:
         self.failures += 1
         self.last_error, self.last_failure_at = _brief(exc), datetime.now(UTC)
         log.error("AUDIT WRITE FAILED: %s — the action that caused it was refused", self.last_error)
+
+    def ok(self) -> None:
+        self.last_ok_at = datetime.now(UTC)
 
 
 health = _Health()

@@ -89,6 +89,12 @@ def test_a_record_edited_in_the_database_is_named_by_every_check(ctl, admin, tmp
     assert not report["ok"] and report["problems"][0]["seq"] == victim, report["problems"][:3]
     res = admin("audit", "check")
     assert res.exit_code == 1 and f"record {victim}" in res.stdout, res.output
+    # an edit of the columns people read (not the hashed line) is caught too
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE events SET actor = 'mallory' WHERE seq = 9"))
+    report = ctl.client.get(f"{API}/audit/verify", headers=ctl.auth(ctl.admin_token())).json()
+    assert any(p["seq"] == 9 and "actor column" in p["message"] for p in report["problems"]), report["problems"][:3]
+    assert "no key was pinned" not in " ".join(report["warnings"])
 
     out = tmp_path / "audit.tar.gz"
     assert admin("audit", "export", "-o", str(out)).exit_code == 0  # exported as it is: the damage is evidence too

@@ -214,3 +214,31 @@ def test_the_migration_seals_events_written_before_the_chain(tmp_path, db_url):
     assert rows[-1].seq == 4 and rows[-1].prev_hash == head
     check_chain(rows)
     engine.dispose()
+
+
+def test_a_commit_that_fails_after_its_records_were_sealed_is_an_audit_failure(ctl):
+    """A full disk or a lost server shows at COMMIT, after the records were sealed: the caller gets the
+    audit error (503), the failure is counted for the operator's alert, and nothing of it is stored. A
+    deferred foreign key that fails at commit stands in for the disk."""
+    from controller.audit.chain import AuditWriteError, health
+
+    engine = ctl.app.state.engine
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE parent_t (id INTEGER PRIMARY KEY)"))
+        conn.execute(text("CREATE TABLE child_t (id INTEGER PRIMARY KEY, parent INTEGER REFERENCES parent_t (id) "
+                          "DEFERRABLE INITIALLY DEFERRED)"))
+    factory = session_factory(engine)
+    before, failures = len(chain_of(factory)), health.failures
+    with pytest.raises(AuditWriteError, match="not done"), transaction(factory) as s:
+        s.execute(text("INSERT INTO child_t (id, parent) VALUES (1, 42)"))
+        events.record(s, category="account", type="test.event", result="success")
+    assert health.failures == failures + 1 and health.failing
+    assert len(chain_of(factory)) == before
+    with transaction(factory) as s:  # the next write works, and the alert clears
+        events.record(s, category="account", type="test.event", result="success")
+    assert not health.failing
+    check_chain(chain_of(factory))
+    # An error in a transaction without records stays what it was.
+    with pytest.raises(Exception) as raised, transaction(factory) as s:
+        s.execute(text("INSERT INTO child_t (id, parent) VALUES (2, 43)"))
+    assert not isinstance(raised.value, AuditWriteError)

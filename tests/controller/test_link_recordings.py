@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from pathlib import Path
 
 import pytest
 from sqlalchemy import select
@@ -59,8 +58,9 @@ def test_a_recording_whose_hash_matches_the_signed_evidence_is_kept(lctl):
     receipt = peer.until(RecordingReceipt)
     assert receipt.stored and receipt.error is None
     (row,) = lctl.app.state.recordings.find(SID)
-    assert Path(row.path).read_bytes() == PCAP and row.sha256 == hashlib.sha256(PCAP).hexdigest() and row.size == len(PCAP)
-    assert oct(Path(row.path).stat().st_mode & 0o777) == "0o600"
+    path = lctl.app.state.recordings.file(row)
+    assert path.read_bytes() == PCAP and row.sha256 == hashlib.sha256(PCAP).hexdigest() and row.size == len(PCAP)
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
     (ev,) = _audit(lctl, "session.recording")
     assert ev.result == "success" and ev.body["sha256"] == row.sha256 and ev.session_ref == SID
     # sent again (the receipt was lost): stored once, receipted again

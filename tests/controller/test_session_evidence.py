@@ -15,7 +15,18 @@ from controller.db import session_factory, transaction
 from controller.models import Event, LaneEvidenceRecord
 from nodeagent.wire import EVIDENCE_SIGNATURE_CONTEXT
 
-from .session_helpers import DIAG, NODE, RTU, TWO_PERSON, activate, approve, close, request, world
+from .session_helpers import (
+    DIAG,
+    NODE,
+    RTU,
+    TWO_PERSON,
+    activate,
+    approve,
+    break_glass,
+    close,
+    request,
+    world,
+)
 
 
 def _evidence_records(ctl, sid: str) -> list[Event]:
@@ -97,3 +108,19 @@ def test_a_session_that_never_had_a_lane_has_no_evidence_record(ctl):
     ctl.advance(ctl.app.state.settings.evidence_wait_s + 1)
     assert sid not in ctl.tick().evidence
     assert _evidence_records(ctl, sid) == []
+
+
+def test_a_forced_recording_that_is_missing_or_failed_is_an_anomaly(ctl):
+    """Break-glass forces payload recording: a lane whose node made none (an older agent), or whose
+    recording failed, is a session.anomaly for the SOC, not only a field in the node's record."""
+    w = world(ctl)
+    sid = break_glass(ctl, w.bea, RTU)["id"]
+    close(ctl, w.bea, sid)
+    key = Ed25519PrivateKey.generate()
+    _deliver(ctl, sid, key, end_reason="removed")  # a node record without any recording
+    ctl.app.state.sessions.evidence_arrived(NODE, sid, "removed")
+    ev, anomaly = _evidence_records(ctl, sid)
+    assert ev.body["recording"] == "payload" and ev.body["recordings"] == []
+    kinds = [a["kind"] for a in ev.body["anomalies"]]
+    assert kinds == ["blocked_attempt", "recording_missing"], kinds
+    assert anomaly.type == "session.anomaly" and anomaly.reason == "blocked_attempts_and_recording"
