@@ -126,7 +126,9 @@ def export(request: Request, caller: ChainReader, auth: AuthDep, source: Source,
                       problems=[str(p) for p in summary.report.problems[:5]])
     name = f"wicket-audit-{summary.first_seq}-{summary.last_seq}.tar.gz"
     return FileResponse(path, media_type="application/gzip", filename=name,
-                        headers={"X-Wicket-Bundle-SHA256": summary.sha256, "X-Wicket-Bundle-Records": str(summary.records)})
+                        headers={"X-Wicket-Bundle-SHA256": summary.sha256, "X-Wicket-Bundle-Records": str(summary.records),
+                                 "X-Wicket-Bundle-Verified": "ok" if summary.ok else
+                                 ("failed: " + str(summary.report.problems[0])[:300]).encode("ascii", "replace").decode()})
 
 
 @router.get("/audit/access", summary="Who had access to a device between two times, from the chain's records")

@@ -9,7 +9,7 @@ controller's HTTP API v1 and keeps its state in $WICKET_CONFIG_DIR (default ~/.c
   wicket [--controller URL] login [--user NAME] [--recovery-code]
   wicket whoami [--json] | logout | password | recovery-codes
   wicket users list|show|add|roles|disable|enable|delete|enrol-totp|set-password …
-  wicket events [--subject NAME] [--after SEQ] [--since TIME] [--limit N] [--json]
+  wicket events [--subject NAME] [--type T] [--session ID] [--device ASSET] [--after SEQ] [--since T] [--until T] [--json]
   wicket policy check|diff|apply|show|history|explain …   (check works offline)
   wicket tasks list|show · wicket protocols · wicket device-types
   wicket sites list|show|add|update|delete|agent-add|agent-remove …
@@ -310,14 +310,21 @@ def events(ctx: typer.Context,
            subject: Annotated[str | None, typer.Option("--subject", metavar="NAME", help="only events about this user")] = None,
            after: Annotated[int, typer.Option("--after", metavar="SEQ", min=0, help="only events after this sequence number")] = 0,
            since: Annotated[str | None, typer.Option("--since", metavar="TIME", help="only events at or after this time")] = None,
+           until: Annotated[str | None, typer.Option("--until", metavar="TIME", help="only events at or before this time")] = None,
+           type_: Annotated[str | None, typer.Option("--type", metavar="TYPE", help="e.g. session.approve")] = None,
+           session: Annotated[str | None, typer.Option("--session", metavar="ID")] = None,
+           device: Annotated[str | None, typer.Option("--device", metavar="ASSET")] = None,
            limit: Annotated[int, typer.Option("--limit", metavar="N", min=1, max=1000)] = 100,
            as_json: JsonOpt = False) -> None:
-    """Authentication and account events, oldest first (admin, soc)."""
+    """The audit chain's records, oldest first (admin, soc). To check them, see `wicket audit`."""
     params: dict[str, Any] = {"after": after, "limit": limit}
-    if subject:
-        params["subject"] = subject
+    for key, value in (("subject", subject), ("type", type_), ("session", session), ("device", device)):
+        if value:
+            params[key] = value
     if since:
         params["since"] = instant(since, "--since").isoformat()
+    if until:
+        params["until"] = instant(until, "--until").isoformat()
     rows = connect(ctx).call("GET", "/api/v1/events", params=params)
     if as_json:
         print_json(rows)

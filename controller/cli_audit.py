@@ -41,6 +41,10 @@ def export(ctx: typer.Context, output: Annotated[Path, typer.Option("--output", 
     headers = connect(ctx).download("/api/v1/audit/export", str(output), params=params)
     typer.echo(f"Wrote {output}: {headers.get('x-wicket-bundle-records', '?')} records, "
                f"SHA-256 {headers.get('x-wicket-bundle-sha256', '?')}.")
+    verified = headers.get("x-wicket-bundle-verified", "")
+    if verified.startswith("failed"):
+        typer.echo(f"WARNING: the controller's own check of this bundle {verified}. The stored chain is damaged; "
+                   "the bundle shows where (wicket audit verify).", err=True)
     typer.echo(f"Check it anywhere with: wicket audit verify {output} --trust KEY_ID   (wicket audit keys shows the key)")
 
 

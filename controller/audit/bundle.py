@@ -439,7 +439,8 @@ starts right after a checkpoint (or at record 1) and ends at one, so both ends a
 
 CHECK IT WITH WICKET
   wicket audit verify BUNDLE --trust KEY_ID
-or with the verifier alone (one file, needs only Python 3 and the `cryptography` package):
+or with the verifier alone: controller/audit/verify.py from wicket's source, one file that needs only
+Python 3 and the `cryptography` package (read it first; it is short enough to review):
   python3 verify.py BUNDLE --trust KEY_ID
 KEY_ID is the controller's audit key id as its operator publishes it. Without --trust the check only
 shows that the bundle is consistent with the keys it carries.

@@ -97,7 +97,8 @@ def test_a_record_edited_in_the_database_is_named_by_every_check(ctl, admin, tmp
     assert "no key was pinned" not in " ".join(report["warnings"])
 
     out = tmp_path / "audit.tar.gz"
-    assert admin("audit", "export", "-o", str(out)).exit_code == 0  # exported as it is: the damage is evidence too
+    res = admin("audit", "export", "-o", str(out))  # exported as it is: the damage is evidence too
+    assert res.exit_code == 0 and "WARNING: the controller's own check of this bundle failed: record" in res.stderr, res.output
     res = admin("audit", "verify", str(out), "--trust", _key_id(ctl))
     assert res.exit_code == 1 and f"record {victim}" in res.stdout.splitlines()[0], res.output
     assert ctl.events(type="audit.export")[0]["result"] == "failure"
