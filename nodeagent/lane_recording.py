@@ -9,6 +9,7 @@ could not run is not silent: the evidence says why.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from datetime import UTC, datetime
@@ -36,7 +37,9 @@ class Recorders:
                 return None
             path = self.dir / "live" / f"{name}.pcap"
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            rec = Recorder(name, path, spec.recording_cap_bytes or self.cap, resume=resume and path.exists())
+            resume = resume and path.exists()
+            rec = Recorder(name, path, spec.recording_cap_bytes or self.cap, resume=resume,
+                           prior=_load_prior(path) if resume else None)
             try:
                 rec.start()
             except (RecordingError, OSError) as exc:
@@ -70,9 +73,28 @@ class Recorders:
         src = self.dir / "live" / f"{name}.pcap"
         if src.exists():
             src.replace(self.dir / f"{ident}.pcap")
+        _prior_path(src).unlink(missing_ok=True)
 
     def stop_all(self) -> None:
+        """The agent stops; its lanes live on. Each file stays, with its counts beside it (drops, whether
+        the cap was reached, when it began: the pcap cannot hold them), and the next start resumes it."""
         with self._lock:
             running, self._running = self._running, {}
-        for rec in running.values():
-            rec.stop()  # the file stays; the next start resumes it
+        for name, rec in running.items():
+            result = rec.stop()
+            try:
+                _prior_path(self.dir / "live" / f"{name}.pcap").write_text(json.dumps(result.to_dict()))
+            except OSError as exc:
+                log.warning("lane %s: could not keep the recording's counts: %s", name, exc)
+
+
+
+def _prior_path(pcap: Path) -> Path:
+    return pcap.with_suffix(".counts.json")
+
+
+def _load_prior(pcap: Path) -> dict | None:
+    try:
+        return json.loads(_prior_path(pcap).read_text())
+    except (OSError, ValueError):
+        return None
