@@ -146,4 +146,7 @@ def _shipper(settings: Settings, factory) -> Shipper | None:
         raise SettingsError(str(exc) if isinstance(exc, SinkConfigError) else f"audit sinks {path}: {exc}") from None
     if not sinks:
         return None
-    return Shipper(factory, sinks, settings.replica_id or socket.gethostname()[:64])
+    # A lease must outlast the slowest send (syslog: connect, write, confirm): else another replica
+    # would take the sink over mid-send and send the batch again.
+    lease_s = max(30.0, 4 * max(c.timeout_s for c in sinks))
+    return Shipper(factory, sinks, settings.replica_id or socket.gethostname()[:64], lease_s=lease_s)

@@ -152,8 +152,8 @@ def sinks(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     if not rows:
         typer.echo("No SIEM sinks are configured (docs/siem-export.md).")
         return
-    table(["SINK", "KIND", "TARGET", "DELIVERED TO", "LAG", "LAST OK", "LAST ERROR"],
-          [[r.get("name"), r.get("kind") or "-", r.get("target") or "-", r.get("cursor"), _lag(r),
+    table(["SINK", "STATUS", "KIND", "TARGET", "DELIVERED TO", "LAG", "LAST OK", "LAST ERROR"],
+          [[r.get("name"), r.get("status") or "-", r.get("kind") or "-", r.get("target") or "-", r.get("cursor"), _lag(r),
             when(r.get("last_ok_at")) if r.get("last_ok_at") else "-", r.get("last_error") or "-"] for r in rows])
 
 

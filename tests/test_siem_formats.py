@@ -512,3 +512,15 @@ def test_times_without_fraction_or_with_offsets_are_read():
              session_id="s-1", started_at="2026-11-26T12:00:00+01:00", ended_at="2026-11-26T11:05:00Z")
     doc = formats.ecs(e)
     assert doc["event"]["duration"] == 5 * 60 * 10**9
+
+
+def test_a_damaged_record_that_is_still_json_exports_as_unreadable_in_every_format():
+    """A stored line that parses but is not a record must not stop a sink: it goes out as audit.unreadable."""
+    from controller.audit import formats as f
+
+    for line in ('{"seq":5,"v":1}', '{"seq":5,"type":7,"time":"x","category":"c","result":"r"}',
+                 '{"seq":5,"type":"t","time":"x","category":"c","result":"r","body":[1]}'):
+        event = f.canonical(line, "ab" * 32, seq=5)
+        assert event["type"] == "audit.unreadable" and event["seq"] == 5 and event["hash"] == "ab" * 32
+        for fmt in f.PAYLOAD_FORMATS:
+            assert f.payload(event, fmt)

@@ -45,6 +45,7 @@ VENDOR = PRODUCT = APP_NAME = "wicket"
 ECS_VERSION = "8.11.0"
 OCSF_VERSION = "1.3.0"
 PAYLOAD_FORMATS = ("cef", "ecs", "ocsf", "json")
+_REQUIRED = ("time", "category", "type", "result")
 SEQUENCE_ID_MAX = 2147483647  # RFC 5424 §7.3.1: meta sequenceId is 1..2^31-1, then wraps to 1
 
 
@@ -57,6 +58,8 @@ def canonical(line: str, hash_: str, seq: int | None = None) -> dict:
         event = json.loads(line)
         if not isinstance(event, dict):
             raise ValueError("not an object")
+        if not all(isinstance(event.get(k), str) for k in _REQUIRED) or not isinstance(event.get("body", {}), dict):
+            raise ValueError("not a record")  # a damaged record must not stop the stream (the renderers read these)
     except ValueError:
         event = {"v": 1, "seq": seq if seq is not None else _seq_from_damaged(line), "time": rfc3339(datetime.now(UTC)), "clock": "unknown", "category": "audit",
                  "type": "audit.unreadable", "result": "failure", "actor": None, "actor_id": None, "subject": None,

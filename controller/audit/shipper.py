@@ -48,7 +48,7 @@ SHIPPED, IDLE, STANDBY, FAILED = "shipped", "idle", "standby", "failed"
 
 class Shipper:
     """Delivers the chain to every sink in `sinks`. `start()`/`stop()` run it in threads (one per sink);
-    `run_once()` does the same work in the caller's thread (tests, `wicket audit sinks --flush`)."""
+    `run_once()` does the same work in the caller's thread (tests)."""
 
     def __init__(self, factory: sessionmaker[Session], sinks: list[SinkConfig], replica_id: str, *,
                  lease_s: float = 30.0, poll_s: float = 1.0, backoff_s: tuple[float, float] = (1.0, 30.0),

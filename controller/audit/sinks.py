@@ -300,6 +300,7 @@ class HecSink:
             self.close()
             raise
         if res.status_code != 200:
+            self.close()  # the next try opens afresh and reads token_file again (a rotated token)
             raise SinkError(f"sink {c.name}: HEC {self._endpoint} answered {res.status_code}: {res.text[:200]}")
         try:
             code = res.json().get("code", 0)
@@ -329,6 +330,15 @@ class HecSink:
 # ---- JSON lines (or CEF lines) to a file -----------------------------------------------------------------
 
 
+def _rotated(path, fd: int) -> bool:
+    try:
+        now = os.stat(path)
+    except FileNotFoundError:
+        return True
+    held = os.fstat(fd)
+    return (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino)
+
+
 class FileSink:
     """One record per line, appended; each batch is flushed and fsync'd before it counts as delivered."""
 
@@ -340,6 +350,8 @@ class FileSink:
         c = self.config
         data = "".join(formats.payload(e, c.format, host=c.hostname) + "\n" for e in events).encode()
         try:
+            if self._fd is not None and _rotated(c.path, self._fd):
+                self.close()  # logrotate moved the file away: write to a new one at the path
             if self._fd is None:
                 self._fd = os.open(c.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
             view = memoryview(data)

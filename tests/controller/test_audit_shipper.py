@@ -295,6 +295,21 @@ def test_file_sink_appends_json_lines(ctl, factory, tmp_path):
     assert {k: v for k, v in docs[0].items() if k != "hash"} == json.loads(line)
 
 
+def test_a_rotated_file_gets_the_next_batch_at_its_path(ctl, factory, tmp_path):
+    """logrotate renames the file: what follows goes to a new file at the path, nothing is lost between."""
+    out = tmp_path / "audit.jsonl"
+    sinks = parse_sinks(f'[[sink]]\nname = "local"\nkind = "file"\npath = "{out}"\nformat = "json"\n')
+    shipper = Shipper(factory, sinks, "replica-a")
+    shipper.run_once()
+    out.rename(tmp_path / "audit.jsonl.1")
+    append(factory, 3)
+    shipper.run_once()
+    shipper.stop()
+    old = [json.loads(x)["seq"] for x in (tmp_path / "audit.jsonl.1").read_text().splitlines()]
+    new = [json.loads(x)["seq"] for x in out.read_text().splitlines()]
+    assert old + new == sorted(chain_hashes(factory)) and len(new) >= 3
+
+
 @pytest.mark.skipif(siemlab.rsyslog_missing() is not None, reason=siemlab.rsyslog_missing() or "")
 def test_rsyslog_down_under_load_then_back_loses_nothing(ctl, factory, tmp_path):
     pki = siemlab.make_pki(tmp_path / "pki")
