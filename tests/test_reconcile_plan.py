@@ -47,6 +47,9 @@ CHANGES = {
     "end_time": lambda s: {"end_time": s.end_time + timedelta(minutes=30)},
     "revision": lambda s: {"revision": s.revision + 1},
     "device_id": lambda s: {"device_id": "rtu-renamed"},
+    # fixed for a session's life by its task; not a reason to rebuild a lane
+    "recording": lambda s: {"recording": "payload" if s.recording == "metadata" else "metadata"},
+    "recording_cap_bytes": lambda s: {"recording_cap_bytes": (s.recording_cap_bytes or 1 << 20) * 2},
 }
 STRUCTURAL = set(_STRUCTURAL)
 
@@ -71,7 +74,7 @@ def _changed(spec: LaneSpec, which: frozenset[str]) -> LaneSpec:
 
 def test_change_table_covers_every_field():
     assert set(CHANGES) | {"session_id"} == set(LaneSpec.model_fields)
-    assert STRUCTURAL == set(CHANGES) - {"end_time", "revision", "device_id"}
+    assert STRUCTURAL == set(CHANGES) - {"end_time", "revision", "device_id", "recording", "recording_cap_bytes"}
     for field in CHANGES:
         assert getattr(changed(BASE["s0"], frozenset([field])), field) != getattr(BASE["s0"], field)
 
@@ -209,7 +212,7 @@ def test_change_classification(sid, which, now, margin):
         assert p.extend == [] and p.relabel == []
     elif "end_time" in which:
         assert p.extend == [(have, want)] and p.replace == [] and p.relabel == []
-    elif which & {"revision", "device_id"}:
+    elif which & {"revision", "device_id", "recording", "recording_cap_bytes"}:
         assert p.relabel == [(have, want)] and p.replace == [] and p.extend == []
     else:
         assert p.empty()

@@ -17,6 +17,8 @@ from . import test_cli
 from .helpers import API, headers
 from .session_helpers import DIAG, RTU, TWO_PERSON, activate, approve, close, request, world
 
+SQLITE = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # what it tests does not depend on the database
+
 server, cli, admin = test_cli.server, test_cli.cli, test_cli.admin
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -104,6 +106,7 @@ def test_a_record_edited_in_the_database_is_named_by_every_check(ctl, admin, tmp
     assert ctl.events(type="audit.export")[0]["result"] == "failure"
 
 
+@SQLITE
 def test_a_bundle_signed_by_another_key_fails_when_the_key_is_pinned(ctl, admin, tmp_path):
     _story(ctl)
     out = tmp_path / "audit.tar.gz"
@@ -114,6 +117,7 @@ def test_a_bundle_signed_by_another_key_fails_when_the_key_is_pinned(ctl, admin,
     assert res.exit_code == 0 and "warning" in res.stdout, res.output
 
 
+@SQLITE
 def test_only_global_soc_and_admin_read_the_chain(ctl):
     w, sid, _ = _story(ctl)
     for person in (w.erin, w.alex):
@@ -132,6 +136,7 @@ def test_only_global_soc_and_admin_read_the_chain(ctl):
     assert res.status_code == 404 and "no payload recording" in res.json()["detail"]
 
 
+@SQLITE
 def test_bad_export_requests_change_nothing(ctl):
     _story(ctl)
     factory = session_factory(ctl.app.state.engine)

@@ -35,6 +35,8 @@ from .session_helpers import (
     world,
 )
 
+SQLITE = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # what it tests does not depend on the database
+
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 METER_TASK = "meter-diagnostics"
@@ -117,6 +119,7 @@ def verify_records_live(rows_, cps, keys):
     return verify.verify_records(rows_, cps, keys, expected_head=(rows_[-1].seq, rows_[-1].hash))
 
 
+@SQLITE
 def test_a_device_export_holds_its_records_and_redacts_the_rest(ctl, history, tmp_path):
     h = history
     path = tmp_path / "rtu.tar.gz"
@@ -147,6 +150,7 @@ def _people(answer):
     return [(x["session"], x["engineer"], x["approvers"]) for x in answer]
 
 
+@SQLITE
 def test_a_window_that_starts_inside_a_session_carries_its_earlier_records(ctl, history, tmp_path):
     """B was opened before t2 and revoked after it: a device export from t2 still says who and who approved."""
     h = history
@@ -169,6 +173,7 @@ def test_a_window_that_starts_inside_a_session_carries_its_earlier_records(ctl, 
     assert [x["session"] for x in who_had_access(rows(h["factory"]), RTU, h["t0"], h["t1"])] == [h["a"]]
 
 
+@SQLITE
 def test_a_session_export_and_an_empty_one(ctl, history, tmp_path):
     h = history
     summary = export(ctl, h, tmp_path / "c.tar.gz", session=h["c"])
@@ -178,6 +183,7 @@ def test_a_session_export_and_an_empty_one(ctl, history, tmp_path):
     assert summary.ok and summary.records == 0, summary.report.text()
 
 
+@SQLITE
 def test_an_export_without_a_checkpoint_at_its_end_warns(ctl, history, tmp_path):
     h = history
     from controller import events
@@ -206,6 +212,7 @@ def test_a_line_changed_in_the_database_shows_in_the_export(ctl, history, tmp_pa
         assert (first.where, first.seq) == ("record", target.seq), summary.report.text()
 
 
+@SQLITE
 def test_the_readme_procedure_checks_a_bundle_by_hand(ctl, history, tmp_path):
     """README.txt's check.py, run by python3 in the unpacked folder: OK on the bundle, an error on a cut one."""
     h = history

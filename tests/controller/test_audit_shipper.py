@@ -25,6 +25,8 @@ from controller.db import session_factory, transaction
 from controller.models import AuditSinkCursor, Event
 from tests import siemlab
 
+SQLITE = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # what it tests does not depend on the database
+
 TOKEN = "hec-test-token-7f3a"
 
 
@@ -162,6 +164,7 @@ def test_hec_down_under_load_then_back_loses_nothing(ctl, factory, hec, tmp_path
         assert env["event"]["event"]["hash"] == env["fields"]["hash"]
 
 
+@SQLITE
 def test_a_collector_that_answers_errors_is_retried_with_the_same_batch(ctl, factory, hec, tmp_path):
     sinks = hec_sinks(tmp_path, hec, batch=10)
     shipper = Shipper(factory, sinks, "replica-a", backoff_s=(0.01, 0.01))
@@ -179,6 +182,7 @@ def test_a_collector_that_answers_errors_is_retried_with_the_same_batch(ctl, fac
     assert "answered 403" in health_of(factory, sinks, "siem")["last_error"]
 
 
+@SQLITE
 def test_a_lost_cursor_update_resends_and_duplicates_are_identical(ctl, factory, hec, tmp_path):
     """A crash between a send and its cursor update (simulated by putting the cursor back) sends those
     records again: same seq, same hash, so the SOC can drop them."""
@@ -199,6 +203,7 @@ def test_a_lost_cursor_update_resends_and_duplicates_are_identical(ctl, factory,
 # ---- the cursor is durable; replicas share it ------------------------------------------------------------
 
 
+@SQLITE
 def test_the_cursor_survives_a_restart(ctl, factory, hec, tmp_path):
     sinks = hec_sinks(tmp_path, hec)
     a = Shipper(factory, sinks, "replica-a")
@@ -256,6 +261,7 @@ def test_two_running_replicas_do_not_double_ship(ctl, factory, hec, tmp_path):
 # ---- health ------------------------------------------------------------------------------------------------
 
 
+@SQLITE
 def test_health_before_and_after_delivery_and_for_a_renamed_sink(ctl, factory, hec, tmp_path):
     sinks = hec_sinks(tmp_path, hec)
     head = max(chain_hashes(factory))
@@ -276,6 +282,7 @@ def test_health_before_and_after_delivery_and_for_a_renamed_sink(ctl, factory, h
 # ---- other transports through the shipper -----------------------------------------------------------------
 
 
+@SQLITE
 def test_file_sink_appends_json_lines(ctl, factory, tmp_path):
     out = tmp_path / "audit.jsonl"
     out.write_text("")
@@ -295,6 +302,7 @@ def test_file_sink_appends_json_lines(ctl, factory, tmp_path):
     assert {k: v for k, v in docs[0].items() if k != "hash"} == json.loads(line)
 
 
+@SQLITE
 def test_a_rotated_file_gets_the_next_batch_at_its_path(ctl, factory, tmp_path):
     """logrotate renames the file: what follows goes to a new file at the path, nothing is lost between."""
     out = tmp_path / "audit.jsonl"
