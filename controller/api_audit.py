@@ -28,11 +28,10 @@ _ERRORS = {401: {"model": ErrorOut}, 403: {"model": ErrorOut}, 404: {"model": Er
 router = APIRouter(prefix="/api/v1", responses=_ERRORS, tags=["audit"])
 
 
-ChainReader = AuditReader  # soc and admin hold every site: the chain spans them all
 
 
 @router.get("/audit/head", summary="The chain's head and its newest checkpoint")
-def head(_reader: ChainReader, auth: AuthDep) -> dict:
+def head(_reader: AuditReader, auth: AuthDep) -> dict:
     seq, head_hash = chain.head(auth.factory)
     with auth.factory() as s:
         cp = s.scalar(select(AuditCheckpoint).order_by(AuditCheckpoint.tree_size.desc()).limit(1))
@@ -42,7 +41,7 @@ def head(_reader: ChainReader, auth: AuthDep) -> dict:
 
 
 @router.get("/audit/checkpoints", summary="Signed checkpoints, oldest first")
-def checkpoints(_reader: ChainReader, auth: AuthDep, after: int = Query(0, ge=0, le=DB_INT_MAX), limit: int = Query(100, ge=1, le=1000)) -> list[dict]:
+def checkpoints(_reader: AuditReader, auth: AuthDep, after: int = Query(0, ge=0, le=DB_INT_MAX), limit: int = Query(100, ge=1, le=1000)) -> list[dict]:
     with auth.factory() as s:
         rows = s.scalars(select(AuditCheckpoint).where(AuditCheckpoint.tree_size > after)
                          .order_by(AuditCheckpoint.tree_size).limit(limit))
@@ -57,7 +56,7 @@ def keys(_caller: CurrentPrincipal, auth: AuthDep) -> list[dict]:
 
 
 @router.get("/audit/verify", summary="Check the stored chain in place: hashes, numbering, checkpoints, the head")
-def verify_live(_reader: ChainReader, auth: AuthDep) -> dict:
+def verify_live(_reader: AuditReader, auth: AuthDep) -> dict:
     # The head first, then only what it covers: records appended meanwhile are not "missing at the end".
     head_seq, head_hash = chain.head(auth.factory)
     with auth.factory() as s:
@@ -99,7 +98,7 @@ def _columns_differ(row: Event) -> str | None:
 
 @router.get("/audit/export", summary="A self-contained bundle (tar) of the chain for offline verification",
             response_class=FileResponse)
-def export(request: Request, caller: ChainReader, auth: AuthDep, source: Source, background: BackgroundTasks,
+def export(request: Request, caller: AuditReader, auth: AuthDep, source: Source, background: BackgroundTasks,
            since: Annotated[datetime | None, Query(alias="from")] = None,
            until: Annotated[datetime | None, Query(alias="to")] = None,
            device: str | None = Query(None, pattern=ASSET_ID.pattern), session: str | None = Query(None, pattern=SESSION_ID)):
@@ -132,7 +131,7 @@ def export(request: Request, caller: ChainReader, auth: AuthDep, source: Source,
 
 
 @router.get("/audit/access", summary="Who had access to a device between two times, from the chain's records")
-def access(_reader: ChainReader, auth: AuthDep, device: str = Query(..., pattern=ASSET_ID.pattern),
+def access(_reader: AuditReader, auth: AuthDep, device: str = Query(..., pattern=ASSET_ID.pattern),
            since: Annotated[datetime | None, Query(alias="from")] = None,
            until: Annotated[datetime | None, Query(alias="to")] = None) -> list[dict]:
     with auth.factory() as s:
@@ -142,14 +141,14 @@ def access(_reader: ChainReader, auth: AuthDep, device: str = Query(..., pattern
 
 
 @router.get("/audit/sinks", summary="SIEM sinks: cursor, lag, last delivery, last error")
-def sinks(request: Request, _reader: ChainReader, auth: AuthDep) -> list[dict]:
+def sinks(request: Request, _reader: AuditReader, auth: AuthDep) -> list[dict]:
     ship = request.app.state.shipper
     return ship.health() if ship is not None else shipper.sink_health(auth.factory, [])
 
 
 @router.get("/sessions/{sid}/recording", tags=["sessions"], response_class=FileResponse,
             summary="A session's payload recording (pcap), as the node signed it")
-def recording(request: Request, caller: ChainReader, auth: AuthDep, source: Source,
+def recording(request: Request, caller: AuditReader, auth: AuthDep, source: Source,
               sid: str = Path(..., pattern=SESSION_ID), n: int = Query(1, ge=1, le=1000, description="which one, when the lane was replaced")):
     found = request.app.state.recordings.find(sid)
     if len(found) < n:
