@@ -180,6 +180,10 @@ def test_a_collector_that_answers_errors_is_retried_with_the_same_batch(ctl, fac
     append(factory, 1)
     shipper.run_once()
     assert "answered 403" in health_of(factory, sinks, "siem")["last_error"]
+    (tmp_path / "hec-token").write_text("rotated\n")  # the operator rotates the token file: no restart
+    shipper.run_once()
+    assert health_of(factory, sinks, "siem")["lag_records"] == 0
+    assert_every_record_arrived(hec_seqs(hec), chain_hashes(factory))  # it asserts; its count of duplicates does not matter here
 
 
 @SQLITE
