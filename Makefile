@@ -8,7 +8,8 @@ PY := $(VENV)/bin/python
 # that package through --system-site-packages. Any other python3 on PATH cannot import `nftables`.
 SYSPY := /usr/bin/python3
 APT_PACKAGES := wireguard-tools wireguard-go nftables python3-nftables conntrack iproute2 util-linux \
-	python3-venv python3-pip iperf3 tcpdump nmap procps kmod postgresql zbar-tools rsyslog rsyslog-gnutls
+	python3-venv python3-pip iperf3 tcpdump nmap procps kmod postgresql zbar-tools rsyslog rsyslog-gnutls \
+	mosquitto dnsmasq-base
 PYTEST_ARGS ?=
 
 # The controller's tests run on SQLite and on this local PostgreSQL (loopback only).

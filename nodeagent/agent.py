@@ -18,6 +18,7 @@ from . import __version__, prereq
 from .clock import Clock, clock_synchronized
 from .config import AgentConfig
 from .ctnl import Conntrack, DestroyListener
+from .device_traffic import DeviceTraffic, Names
 from .errors import InvalidDesiredState
 from .firewall import Firewall
 from .lanes import LaneManager
@@ -50,6 +51,7 @@ class Agent:
         self.backend_reason = ""
         self.listener: DestroyListener | None = None
         self.lanes: LaneManager | None = None
+        self.devices: DeviceTraffic | None = None
         self.link = None  # a LinkClient once enrolled (`cli._run` starts it)
         self.clock_check = clock_synchronized  # () -> (synchronised, why); replaceable in tests
         self._strict_fired = False
@@ -82,18 +84,22 @@ class Agent:
         ct = self._conntrack or Conntrack()
         self.lanes = LaneManager(self.naming, self._backend, fw, ct, self.state, self.clock, self.cfg.node_id,
                                  on_ended=self._on_ended, recording_cap_bytes=self.cfg.recording_cap_bytes)
+        self.devices = DeviceTraffic(fw, ct, self.state, self.clock, self.cfg.node_id, self.backend_kind,
+                                     names=self._names(), breach_report_s=self.cfg.breach_report_s, on_ended=self._on_ended)
         if self.listen_events:
             self.listener = DestroyListener(
-                want=lambda mark: self.lanes.lane_of_mark(mark) is not None,
-                on_flow=self.lanes.on_flow_ended,
+                want=lambda mark: self.lanes.lane_of_mark(mark) is not None or self.devices.grants.has_mark(mark),
+                on_flow=self._flow_ended,
                 on_overrun=self.lanes.on_events_lost,
             )
             self.lanes.listener = self.listener
+            self.devices.grants.listener = self.listener
             self.listener.start()
         self.desired = self.state.load_desired()
         if self.desired:
             fw.set_tunnel_nets([str(n) for n in self.desired.settings.tunnel_networks])
         notes += self.lanes.load(agent_gap=self._agent_gap())
+        notes += self.devices.load()
         self.last_report = self.reconcile()
         notes += self.last_report.changes + [f"error: {e}" for e in self.last_report.errors]
         self._heartbeat()
@@ -107,6 +113,8 @@ class Agent:
             self.listener.stop()
         if self.lanes is not None:
             self.lanes.recorders.stop_all()
+        if self.devices is not None:
+            self.devices.stop()
         self._heartbeat()
 
     # ---- operations (called on the loop thread) ----
@@ -136,14 +144,17 @@ class Agent:
 
     def close(self, session_id: str) -> ReconcileReport:
         lane = next((lane for lane in self.lanes.lanes.values() if lane.rec and lane.rec.session_id == session_id), None)
-        if lane is None:
-            raise InvalidDesiredState(f"no open lane for session {session_id}")
-        self.state.mark_closed(session_id, lane.rec.end_time)
+        grant = self.devices.grants.records.get(session_id)
+        if lane is None and grant is None:
+            raise InvalidDesiredState(f"no open lane or grant for session {session_id}")
+        self.state.mark_closed(session_id, lane.rec.end_time if lane else grant.end_time)
         return self.reconcile()
 
     def reset(self) -> ReconcileReport:
         """Close every lane (with evidence) and remove the agent's table: for uninstalling or a lab's end."""
         report = self.lanes.close_now(list(self.lanes.lanes), EndReason.removed)
+        changes, errors = self.devices.close_all(EndReason.removed)
+        report = report.model_copy(update={"changes": [*report.changes, *changes], "errors": [*report.errors, *errors]})
         self.desired = None
         (Path(self.cfg.state_dir) / "desired.json").unlink(missing_ok=True)
         self.lanes.fw.remove()
@@ -154,8 +165,9 @@ class Agent:
         wants, refused = self._wants()
         closed = set(self.state.closed())
         report = self.lanes.reconcile(wants, closed, generation)
-        if refused:
-            report = report.model_copy(update={"errors": [*report.errors, *refused]})
+        changes, errors = self.devices.reconcile(self.desired, closed, self.state.removed())
+        if refused or changes or errors:
+            report = report.model_copy(update={"changes": [*report.changes, *changes], "errors": [*report.errors, *refused, *errors]})
         if report.changes or report.errors:
             self.last_report = report
         return report
@@ -191,7 +203,7 @@ class Agent:
             agent_version=__version__,
             backend=self.backend_kind,
             applied_generation=self.desired.generation if self.desired else None,
-            lanes=observed,
+            lanes=observed + self.devices.observed(),
             pending_evidence=len(list((Path(self.cfg.state_dir) / "evidence").glob("*.json"))),
             clock_synchronized=synced,
             last_reconcile=self.last_report,
@@ -208,6 +220,13 @@ class Agent:
         if due is not None and due <= now:
             self.reconcile()
         self._strict_mode()
+        changes, errors = self.devices.tick(set(self.state.closed()), self.state.removed())
+        if changes or errors:
+            self.last_report = ReconcileReport(generation=self.desired.generation if self.desired else 0, changes=changes, errors=errors)
+            for line in changes:
+                log.info("%s", line)
+            for line in errors:
+                log.error("%s", line)
         self._expire_tombstones()
         if now >= self._next_resync:
             self._next_resync = now + self.cfg.resync_interval
@@ -215,6 +234,7 @@ class Agent:
                 log.warning("resync: the nft table was missing; reloaded it")
                 if self.desired:
                     self.lanes.fw.set_tunnel_nets([str(n) for n in self.desired.settings.tunnel_networks])
+                self.devices.load()
             notes = self.lanes.load()
             if notes:
                 log.warning("resync: %s", "; ".join(notes))
@@ -244,9 +264,9 @@ class Agent:
     def _sleep_for(self) -> float:
         now = self.clock.mono()
         times = [self._next_resync, self._next_stats, self._next_heartbeat]
-        due = self.lanes.next_deadline()
-        if due is not None:
-            times.append(due)
+        for due in (self.lanes.next_deadline(), self.devices.next_due()):
+            if due is not None:
+                times.append(due)
         return max(0.0, min(min(times) - now, 1.0))
 
     # ---- helpers ----
@@ -304,6 +324,24 @@ class Agent:
         elif reason == EndReason.removed:
             self.state.mark_removed(session_id, revision, self.clock.wall())
 
+    def _flow_ended(self, flow) -> None:
+        if self.devices.grants.has_mark(flow.mark):
+            self.devices.grants.on_flow_ended(flow)
+        else:
+            self.lanes.on_flow_ended(flow)
+
+    def _names(self) -> Names | None:
+        """The FQDN watcher for destinations (None: dnspython is missing, FQDN destinations stay empty)."""
+        try:
+            from .dnsnames import NameWatcher
+        except ImportError as exc:
+            log.error("FQDN destinations cannot be resolved (%s): they stay empty, so flows to them are denied", exc)
+            return None
+        servers = [_server(x) for x in self.cfg.dns_servers.split(",") if x.strip()] or None
+        watcher = NameWatcher(servers, min_ttl_s=self.cfg.dns_min_ttl_s, max_ttl_s=self.cfg.dns_max_ttl_s,
+                              stale_s=self.cfg.dns_stale_s)
+        return Names(watcher, on_change=lambda: None)
+
     def _control_lost(self) -> bool:
         return bool(self.cfg.strict_after_s and self.link is not None and self.link.silent_for() >= self.cfg.strict_after_s)
 
@@ -317,6 +355,10 @@ class Agent:
             self._strict_fired = False
             return
         names = [lane.name for lane in self.lanes.lanes.values() if lane.rec is not None]
+        if self.devices.grants.records:
+            changes, _errors = self.devices.close_all(EndReason.control_lost)
+            for line in changes:
+                log.info("%s", line)
         if names:
             log.warning("strict mode: the controller has been silent for %.0f s (limit %s s): ending %d lane(s)",
                         silent, self.cfg.strict_after_s, len(names))
@@ -329,7 +371,7 @@ class Agent:
 
     def _expire_tombstones(self) -> None:
         wall = self.clock.wall()
-        listed = {lane.session_id for lane in self.desired.lanes} if self.desired else set()
+        listed = {x.session_id for x in [*self.desired.lanes, *self.desired.grants]} if self.desired else set()
         for sid, until in list(self.state.closed().items()):
             if sid not in listed and until < wall - TOMBSTONE_RETENTION_S:
                 self.state.forget_closed(sid)
@@ -351,3 +393,8 @@ class Agent:
         p = Path(self.cfg.state_dir) / "heartbeat"
         p.write_text(f"{self.clock.wall():.3f}")
 
+
+
+def _server(text: str) -> tuple[str, int]:
+    host, _, port = text.strip().rpartition(":") if text.count(":") == 1 else (text.strip(), "", "53")
+    return host, int(port or 53)

@@ -44,6 +44,13 @@ class AgentConfig:
     clock_sync: str = "require"
     # a lane's payload recording (tasks with `recording: payload`, and break-glass) stops growing here
     recording_cap_bytes: int = 64 * 1024 * 1024
+    # destinations named by FQDN: resolvers as "ip[:port]", comma-separated ("" = /etc/resolv.conf's)
+    dns_servers: str = ""
+    dns_min_ttl_s: float = 5.0  # answers are refreshed at their TTL, clamped to [min, max]
+    dns_max_ttl_s: float = 3600.0
+    dns_stale_s: float = 3600.0  # a failing resolver: the last good answer is kept this long past its expiry
+    # refused attempts by devices are read, aggregated and reported to the controller this often
+    breach_report_s: float = 60.0
 
     @property
     def control_socket(self) -> str:
@@ -61,6 +68,20 @@ class AgentConfig:
             raise ConfigError("strict_after_s: 0 (off) or seconds between 5 and 604800")
         if not 65536 <= self.recording_cap_bytes <= 4 << 30:
             raise ConfigError("recording_cap_bytes: between 65536 and 4294967296")
+        for server in filter(None, (x.strip() for x in self.dns_servers.split(","))):
+            host, _, port = server.rpartition(":") if server.count(":") == 1 else (server, "", "53")
+            try:
+                ipaddress.ip_address(host)
+                if not 1 <= int(port) <= 65535:
+                    raise ValueError
+            except ValueError:
+                raise ConfigError(f"dns_servers: {server!r} is not ip[:port]") from None
+        if not 1 <= self.dns_min_ttl_s <= self.dns_max_ttl_s <= 86400:
+            raise ConfigError("dns_min_ttl_s and dns_max_ttl_s: 1 ≤ min ≤ max ≤ 86400 seconds")
+        if not 0 <= self.dns_stale_s <= 7 * 86400:
+            raise ConfigError("dns_stale_s: between 0 and 604800 seconds")
+        if not 1 <= self.breach_report_s <= 3600:
+            raise ConfigError("breach_report_s: between 1 and 3600 seconds")
         if self.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"log_level {self.log_level!r}: one of DEBUG, INFO, WARNING, ERROR")
         if not self.node_id:

@@ -62,7 +62,7 @@ def build_evidence(
 ) -> LaneEvidence:
     spec = rec.lane if rec else None
     notes: list[str] = []
-    data_flows, transport = _merge_flows(h, rules)
+    data_flows, transport = merge_flows(h, rules)
     tx = h.counters.get("lane_tx", (0, 0))
     rx = h.counters.get("lane_rx", (0, 0))
     refused = h.counters.get("lane_refused", (0, 0))
@@ -123,7 +123,7 @@ def build_evidence(
     )
 
 
-def _merge_flows(h: Harvest, rules: LaneRules | None) -> tuple[list[FlowRecord], list[FlowRecord]]:
+def merge_flows(h: Harvest, rules: LaneRules | None) -> tuple[list[FlowRecord], list[FlowRecord]]:
     """Connections by conntrack id: an ended-event record wins over the teardown dump (final counters)."""
     seen: dict[int, tuple[bool, FlowRecord]] = {}
     transport_mark = rules.transport_mark if rules else None

@@ -20,7 +20,7 @@ from typing import Any
 
 from .errors import FirewallError
 from .naming import Naming
-from .nftraw import NftSets, decode_blocked_key, key_ifname
+from .nftraw import NftSets, decode_blocked_key, decode_device_key, key_ifname
 
 TEMPLATE = "wicket.nft"
 # Kernel timeouts trail the agent's own deadline a little, so the agent normally ends a lane itself
@@ -229,6 +229,51 @@ class Firewall:
             for e in s.get("elem", []):
                 _read_elem(v, s["name"], e)
         return v
+
+    # ---- devices' own traffic ----
+
+    def run(self, objs: list[dict]) -> None:
+        """One transaction of libnftables JSON commands (baselines build their own)."""
+        if objs:
+            self._run(objs)
+
+    def list_table(self):
+        return self._cmd(f"list table inet {self.table}")
+
+    def grant_elements(self, keys: list[tuple[str, str, str, int]], mark: int, seconds_left: float) -> dict:
+        timeout = max(1, math.ceil(seconds_left + KERNEL_GRACE_S))
+        return self._elem("grant_flow", [[{"elem": {"val": {"concat": list(k)}, "timeout": timeout}}, mark] for k in keys])
+
+    def grant_keys(self, keys: list[tuple[str, str, str, int]]) -> dict:
+        return self._elem("grant_flow", [{"concat": list(k)} for k in keys])
+
+    def grant_marks(self) -> dict[tuple[str, str, str, int], int]:
+        """The grant elements in the kernel now: (device, destination, protocol, port) → mark."""
+        rc, out, err = self._cmd(f"list map inet {self.table} grant_flow")
+        if rc != 0:
+            raise FirewallError(f"listing grant_flow: {err.strip()}")
+        found = {}
+        for obj in json.loads(out)["nftables"]:
+            for e in (obj.get("map") or {}).get("elem", []):
+                key, mark = e
+                if isinstance(key, dict) and "elem" in key:
+                    key = key["elem"]["val"]
+                dev, dst, proto, port = key["concat"]
+                found[(dev, dst, proto, int(port))] = int(mark)
+        return found
+
+    def device_blocked(self) -> tuple[list[tuple[str, str, str, int | None, int]], list[dict]]:
+        """Connections devices tried outside their flows, from the kernel's dynamic set:
+        ([(device, destination, protocol, port, packets)], elements to delete once reported)."""
+        rows, keys = [], []
+        with self._lock:
+            counted = self._sets().dump("dev_blocked")
+        for c in counted:
+            src, dst, proto, port = decode_device_key(c.key)
+            proto_name = PROTO_NAME.get(proto, str(proto))
+            rows.append((src, dst, proto_name, port if proto in (6, 17) else None, c.packets))
+            keys.append({"concat": [src, dst, proto_name if proto in PROTO_NUM.values() else proto, port]})
+        return rows, ([self._elem("dev_blocked", keys)] if keys else [])
 
     # ---- helpers ----
 

@@ -55,6 +55,13 @@ def decode_blocked_key(key: bytes) -> tuple[str, str, int, int]:
     return name, addr, proto, port
 
 
+def decode_device_key(key: bytes) -> tuple[str, str, int, int]:
+    """ipv4_addr . ipv4_addr . inet_proto . inet_service, each field padded to 4 bytes."""
+    src = str(ipaddress.IPv4Address(key[0:4]))
+    dst = str(ipaddress.IPv4Address(key[4:8]))
+    return src, dst, key[8], struct.unpack(">H", key[12:14])[0]
+
+
 class NftSets:
     def __init__(self, table: str, family: int = NFPROTO_INET):
         self.table, self.family = table, family

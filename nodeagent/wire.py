@@ -13,7 +13,11 @@ PROTOCOL_VERSION history (bump it, and say what changed, whenever a message chan
   3 — payload recording: LaneSpec gains `recording` and `recording_cap_bytes`; LaneEvidence gains
       `recording` (the pcap's SHA-256, size, counts); frames `recording_chunk` (agent → controller) and
       `recording_receipt`. A v2 agent is sent lanes without the recording fields (`encode_frame`).
-A controller of version N serves agents of version N and N−1 (`OLDEST_SERVED`): it stamps what it sends
+  4 — device baselines and grants: DesiredNodeState gains `baseline` (destinations, profiles, devices)
+      and `grants`; LaneEvidence gains `scope` and `destinations` (what FQDNs resolved to); frame
+      `device_report` (agent → controller: breaches of baselines, DNS health). A v3 agent is sent
+      neither baseline nor grants (`encode_frame`): the controller refuses grants at its site.
+A controller of version N serves agents from `OLDEST_SERVED` up to N: it stamps what it sends
 with the version the agent said in its hello, so an older agent's own version check accepts it.
 """
 
@@ -39,8 +43,8 @@ from pydantic import (
     model_validator,
 )
 
-PROTOCOL_VERSION = 3
-OLDEST_SERVED = PROTOCOL_VERSION - 1
+PROTOCOL_VERSION = 4
+OLDEST_SERVED = 2  # v2 and v3 agents are still served (each without what came later)
 
 MAX_LANES = 4096
 MAX_PORTS_PER_LANE = 64
@@ -149,6 +153,115 @@ class LaneSpec(_Msg):
         return self
 
 
+DestName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,47}$")]
+ProfileName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,47}$")]
+MAX_DEVICES = 20000
+
+
+def _fqdn(value: str) -> str:
+    v = value.rstrip(".").lower()
+    labels = v.split(".")
+    if len(v) > 253 or len(labels) < 2 or not all(re.fullmatch(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?", x) for x in labels):
+        raise ValueError(f"{value!r} is not a fully qualified domain name")
+    return v
+
+
+Fqdn = Annotated[str, AfterValidator(_fqdn)]
+
+
+class Destination(_Msg):
+    """A named endpoint of devices' own traffic (v4): fixed IPv4 addresses, or an FQDN the agent resolves."""
+
+    name: DestName
+    addresses: list[HostV4] = Field(default_factory=list, max_length=64)
+    fqdn: Fqdn | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> Destination:
+        if bool(self.addresses) == bool(self.fqdn):
+            raise ValueError(f"destination {self.name}: give either addresses or fqdn")
+        return self
+
+
+class BaselineFlow(_Msg):
+    """Connections the device may open (v4): this transport and port(s), to these destinations. Replies
+    are allowed; connections others open to the device are not this flow's business."""
+
+    protocol: ServiceName
+    transport: Literal["tcp", "udp", "tcp+udp"]
+    ports: list[Port] = Field(min_length=1, max_length=8)
+    to: list[DestName] = Field(min_length=1, max_length=16)
+
+    def keys(self) -> list[tuple[str, int]]:
+        transports = ("tcp", "udp") if self.transport == "tcp+udp" else (self.transport,)
+        return [(t, p) for t in transports for p in self.ports]
+
+
+class DeviceProfile(_Msg):
+    """A device type's baseline (v4): every device of the profile may open these flows and nothing else."""
+
+    name: ProfileName
+    flows: list[BaselineFlow] = Field(default_factory=list, max_length=32)
+
+
+class DeviceBaseline(_Msg):
+    """One device with an active passport (v4): its LAN addresses and its type's profile."""
+
+    asset_id: AssetId
+    addresses: list[HostV4] = Field(min_length=1, max_length=8)
+    profile: ProfileName
+
+
+class BaselineState(_Msg):
+    """Controller → agent (v4): the site's device baselines. `unpassported` says what happens to the own
+    traffic of other hosts in `device_networks`: `router` leaves it to the router's firewall, `deny`
+    drops it."""
+
+    unpassported: Literal["router", "deny"] = "router"
+    device_networks: list[ipaddress.IPv4Network] = Field(default_factory=list, max_length=64)
+    destinations: list[Destination] = Field(default_factory=list, max_length=256)
+    profiles: list[DeviceProfile] = Field(default_factory=list, max_length=256)
+    devices: list[DeviceBaseline] = Field(default_factory=list, max_length=MAX_DEVICES)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> BaselineState:
+        dests = {d.name for d in self.destinations}
+        if len(dests) != len(self.destinations):
+            raise ValueError("two destinations share a name")
+        profiles = {p.name for p in self.profiles}
+        if len(profiles) != len(self.profiles):
+            raise ValueError("two profiles share a name")
+        for p in self.profiles:
+            for f in p.flows:
+                if missing := sorted(set(f.to) - dests):
+                    raise ValueError(f"profile {p.name}: unknown destination(s) {', '.join(missing)}")
+        owner: dict = {}
+        for d in self.devices:
+            if d.profile not in profiles:
+                raise ValueError(f"device {d.asset_id}: unknown profile {d.profile}")
+            for a in d.addresses:
+                if owner.setdefault(a, d.asset_id) != d.asset_id:
+                    raise ValueError(f"devices {owner[a]} and {d.asset_id} share address {a}")
+        if self.unpassported == "deny" and not self.device_networks:
+            raise ValueError("unpassported = deny needs device_networks")
+        return self
+
+    def destination(self, name: str) -> Destination | None:
+        return next((d for d in self.destinations if d.name == name), None)
+
+
+class GrantSpec(_Msg):
+    """Controller → agent (v4): a temporary flow change for one device's own traffic, with an end time
+    the agent enforces on its own clock, like a lane's."""
+
+    session_id: SessionId
+    revision: int = Field(default=0, ge=0)
+    device_id: AssetId
+    device_address: HostV4
+    flows: list[BaselineFlow] = Field(min_length=1, max_length=16)
+    end_time: UtcTime
+
+
 class NodeSettings(_Msg):
     tunnel_networks: list[ipaddress.IPv4Network] = Field(
         default_factory=list, max_length=64, description="engineer tunnel addresses come from these; the agent keeps them off every other path"
@@ -169,6 +282,8 @@ class DesiredNodeState(_Msg):
     issued_at: UtcTime | None = None
     settings: NodeSettings = NodeSettings()
     lanes: list[LaneSpec] = Field(default_factory=list, max_length=MAX_LANES)
+    baseline: BaselineState | None = Field(default=None, description="v4: None leaves devices' own traffic alone")
+    grants: list[GrantSpec] = Field(default_factory=list, max_length=MAX_LANES, description="v4")
 
     @model_validator(mode="after")
     def _consistent(self) -> DesiredNodeState:
@@ -183,6 +298,14 @@ class DesiredNodeState(_Msg):
                 raise ValueError(f"lane {lane.session_id}: engineer_address {lane.engineer_address} is outside tunnel_networks")
             if any(lane.device_address in n for n in nets):
                 raise ValueError(f"lane {lane.session_id}: device_address {lane.device_address} is inside tunnel_networks")
+        seen = {lane.session_id for lane in self.lanes}
+        dests = {d.name for d in self.baseline.destinations} if self.baseline else set()
+        for g in self.grants:
+            if g.session_id in seen:
+                raise ValueError(f"grant {g.session_id}: the id is used twice")
+            seen.add(g.session_id)
+            if missing := sorted({n for f in g.flows for n in f.to} - dests):
+                raise ValueError(f"grant {g.session_id}: unknown destination(s) {', '.join(missing)}")
         return self
 
 
@@ -298,6 +421,8 @@ class LaneEvidence(_Msg):
     wireguard: WireGuardStats | None
     notes: list[str] = Field(default_factory=list)
     recording: RecordingInfo | None = None  # v3; left out of the signed bytes when None (so v2 signatures hold)
+    scope: Literal["lane", "grant"] | None = None  # v4: None (left out) means a lane
+    destinations: dict[str, list[str]] | None = None  # v4, grants: what each destination resolved to
 
 
 class ObservedLane(_Msg):
@@ -335,6 +460,50 @@ class AgentStatus(_Msg):
     clock_detail: str | None = None  # v2: why the clock is (not) considered synchronised
     link: str | None = None  # v2: "connected to …", "disconnected since …", or None when not enrolled
     strict_after_s: float | None = None  # v2: strict mode's limit, None when lanes live to their end time
+
+
+class Breach(_Msg):
+    """Connections a device tried outside its baseline and grants, aggregated over a report's window."""
+
+    asset_id: AssetId | None = Field(description="None: a host without a passport (unpassported = deny)")
+    source: str
+    destination: str
+    proto: str
+    port: int | None
+    packets: int = Field(ge=0)
+
+
+class NameStatus(_Msg):
+    """What one destination FQDN resolves to on the agent, and how fresh that is."""
+
+    fqdn: str
+    addresses: list[str] = Field(default_factory=list)
+    state: Literal["pending", "ok", "stale", "failed"] = Field(
+        description="pending: never resolved; stale: the resolver fails, the last good set is kept; failed: "
+                    "no good set (never, or kept past its limit), so the destination is empty")
+    ttl_s: int | None = None
+    resolved_at: UtcTime | None = None
+    stale_until: UtcTime | None = None
+    error: str | None = Field(default=None, max_length=500)
+
+
+MAX_BREACHES = 1000
+
+
+class DeviceReport(_Msg):
+    """Agent → controller (v4): breaches of device baselines over one window, and DNS health. Spooled and
+    signed like evidence (`SignedReport`), so a breach is reported once the controller is back."""
+
+    kind: Literal["device_report"] = "device_report"
+    protocol_version: int = PROTOCOL_VERSION
+    node_id: NodeId
+    window_start: UtcTime
+    window_end: UtcTime
+    devices: int = Field(ge=0, description="devices whose baseline the agent enforced")
+    breaches: list[Breach] = Field(default_factory=list, max_length=MAX_BREACHES)
+    breaches_left_out: int = Field(default=0, ge=0, description="further (device, destination) rows beyond the list")
+    names: list[NameStatus] = Field(default_factory=list, max_length=256)
+    name_changes: list[str] = Field(default_factory=list, max_length=256, description="FQDNs whose state or set changed")
 
 
 # ---- device passports (controller → agent) -------------------------------------------------------
@@ -503,6 +672,30 @@ class SignedEvidence(_Msg):
     signature: str = Field(description="Ed25519 over evidence_bytes(ident, evidence), base64")
 
 
+REPORT_SIGNATURE_CONTEXT = b"wicket device report v1\n"
+
+
+class SignedReport(_Msg):
+    """Agent → controller (v4): one device report, signed with the agent's evidence key."""
+
+    kind: Literal["report"] = "report"
+    ident: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+    report: DeviceReport
+    signature: str = Field(description="Ed25519 over report_bytes(ident, report), base64")
+
+
+def report_bytes(ident: str, report: DeviceReport) -> bytes:
+    body = json.dumps(report.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return REPORT_SIGNATURE_CONTEXT + ident.encode() + b"\n" + body.encode()
+
+
+class ReportReceipt(_Msg):
+    """Controller → agent (v4): the report is recorded; the agent may delete its copy."""
+
+    kind: Literal["report_receipt"] = "report_receipt"
+    ident: str
+
+
 class EvidenceReceipt(_Msg):
     """Controller → agent: the evidence is stored; the agent may delete its copy."""
 
@@ -562,8 +755,8 @@ class Goodbye(_Msg):
 
 LinkFrame = Annotated[
     EnrollBegin | EnrollCA | EnrollRequest | Enrolled | Hello | Welcome | DesiredNodeState | Applied | Refused
-    | AgentStatus | SignedEvidence | EvidenceReceipt | RecordingChunk | RecordingReceipt | Renew | Certificate | Ping
-    | Pong | Goodbye,
+    | AgentStatus | SignedEvidence | EvidenceReceipt | RecordingChunk | RecordingReceipt | SignedReport | ReportReceipt
+    | Renew | Certificate | Ping | Pong | Goodbye,
     Field(discriminator="kind"),
 ]
 
@@ -574,8 +767,9 @@ def evidence_payload(evidence: LaneEvidence) -> dict:
     """The evidence as signed and stored: fields added after v2 are left out while they are empty, so the
     bytes a v2 agent signed are the bytes a v3 controller checks."""
     data = evidence.model_dump(mode="json")
-    if data.get("recording") is None:
-        data.pop("recording", None)
+    for key in ("recording", "scope", "destinations"):
+        if data.get(key) is None:
+            data.pop(key, None)
     return data
 
 
@@ -593,6 +787,9 @@ def encode_frame(msg: BaseModel, version: int = PROTOCOL_VERSION) -> bytes:
         for lane in data["lanes"]:  # a v2 agent knows no recording: it records metadata only
             lane.pop("recording", None)
             lane.pop("recording_cap_bytes", None)
+    if version < 4 and data.get("kind") == "desired_node_state":
+        data.pop("baseline", None)  # a v3 agent enforces no baselines; the controller opens no grants there
+        data.pop("grants", None)
     body = json.dumps(data, separators=(",", ":")).encode()
     if len(body) > MAX_FRAME:
         raise ValueError(f"a {data.get('kind')} frame of {len(body)} bytes exceeds the {MAX_FRAME}-byte limit")

@@ -112,6 +112,8 @@ class FakeFirewall(Firewall):
         self.transactions = 0
         self.loaded = False
         self.tunnel_nets: list[str] = []
+        self.baseline_ops: list[list[dict]] = []  # baseline transactions, as sent
+        self.device_rows: list[tuple] = []  # refused attempts by devices, as the kernel would count them
 
     def ensure(self):
         if self.loaded:
@@ -171,6 +173,22 @@ class FakeFirewall(Firewall):
                 key = self._parse(item)[0]
                 self.sets.get(e["name"], {}).pop(key, None)
         return []
+
+    def run(self, objs):
+        if self.fail_if and self.fail_if(objs):
+            raise FirewallError("injected: transaction refused")
+        self.baseline_ops.append(list(objs))
+
+    def list_table(self):
+        return 1, "", "Error: No such file or directory"
+
+    def grant_marks(self):
+        self.expire()
+        return {tuple(json.loads(k)): self.values[("grant_flow", k)] for k in self.sets.get("grant_flow", {})}
+
+    def device_blocked(self):
+        rows, self.device_rows = self.device_rows, []
+        return rows, []
 
     def counters(self, name):
         if not any(name in self.sets.get(s, {}) for s in ACCOUNTING_SETS):

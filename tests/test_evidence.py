@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 import pytest
 
 from nodeagent.ctnl import Flow
-from nodeagent.evidence import Harvest, _merge_flows, build_evidence, flow_to_dict
+from nodeagent.evidence import Harvest, build_evidence, flow_to_dict, merge_flows
 from nodeagent.firewall import LaneRules
 from nodeagent.naming import Naming, data_mark, transport_mark
 from nodeagent.state import LaneRecord
@@ -94,7 +94,7 @@ def test_a_finished_tcp_connection_flushed_at_teardown_is_recorded_as_ended(cloc
     lingering = Flow(4, DATA, 6, "100.64.0.2", "192.0.2.10", 40004, 2404, 3, 300, 3, 300, (T0 + 10) * NS, None, tcp_state=7)
     open_one = Flow(5, DATA, 6, "100.64.0.2", "192.0.2.10", 40005, 2404, 3, 300, 3, 300, (T0 + 11) * NS, None, tcp_state=3)
     flushed_event = {**flow_to_dict(lingering), "stop": (T0 + 600) * NS, "cut": True}
-    data, _ = _merge_flows(Harvest(ended_flows=[flushed_event], cut_flows=[open_one]), None)
+    data, _ = merge_flows(Harvest(ended_flows=[flushed_event], cut_flows=[open_one]), None)
     by_port = {r.sport: r for r in data}
     assert by_port[40004].observed == "ended" and by_port[40004].stop is None
     assert by_port[40005].observed == "cut"

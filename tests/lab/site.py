@@ -81,13 +81,15 @@ class AgentProcess:
     def call(self, request: dict) -> dict:
         return call(self.socket, request)
 
-    def apply(self, lanes: list[LaneSpec], generation: int | None = None) -> dict:
+    def apply(self, lanes: list[LaneSpec], generation: int | None = None, *, baseline=None, grants=()) -> dict:
         self.generation = generation if generation is not None else self.generation + 1
         desired = DesiredNodeState(
             node_id=NODE_ID,
             generation=self.generation,
             settings={"tunnel_networks": [TUNNEL_NET], "endpoint_host": self.lab.router_wan},
             lanes=lanes,
+            baseline=baseline,
+            grants=list(grants),
         )
         answer = self.call({"op": "apply", "desired": desired.model_dump(mode="json")})
         if not answer.get("ok"):

@@ -1,0 +1,90 @@
+"""Real peers for lab hosts: a DNS resolver (dnsmasq), an MQTT broker (mosquitto), port scans (nmap).
+
+Each runs in one lab namespace, is started through `Lab.spawn` (so the lab's cleanup kills it by PID
+even when a test fails), and listens only on that namespace's own address.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+from .topology import Lab
+
+
+class Dnsmasq:
+    """An authoritative-only resolver for a few names, answering from a hosts file with a short TTL. It
+    never forwards: `--no-resolv`, no upstream servers."""
+
+    def __init__(self, lab: Lab, role: str, names: dict[str, list[str]], ttl: int = 2):
+        self.lab, self.role, self.ttl = lab, role, ttl
+        self.dir = Path(tempfile.mkdtemp(prefix=f"wicket-{lab.run_id}-dns-"))
+        self.hosts = self.dir / "hosts"
+        self.set(names)
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> Dnsmasq:
+        addr = self.lab.addr(self.role)
+        self.proc = self.lab.spawn(self.role, [
+            "dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts", "--no-poll", f"--addn-hosts={self.hosts}",
+            f"--local-ttl={self.ttl}", f"--listen-address={addr}", "--bind-interfaces", "--port=53",
+            "--pid-file=", "--user=root", "--conf-file=/dev/null", "--log-facility=-"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(100):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"dnsmasq exited with {self.proc.returncode}")
+            if "53" in self.lab.exec(self.role, ["ss", "-lun", "sport = :53"], check=False).stdout:
+                return self
+            time.sleep(0.05)
+        raise RuntimeError("dnsmasq did not listen")
+
+    def set(self, names: dict[str, list[str]]) -> None:
+        """Replace the answers (takes effect at `reload`, or at start)."""
+        self.hosts.write_text("".join(f"{a} {n}\n" for n, addrs in names.items() for a in addrs))
+
+    def reload(self) -> None:
+        self.proc.send_signal(signal.SIGHUP)
+
+    def pause(self) -> None:
+        """An outage: the process stops answering (queries time out)."""
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.kill()
+            self.proc.wait()
+
+
+def mosquitto(lab: Lab, role: str, port: int = 1883) -> subprocess.Popen:
+    """A real mosquitto broker on the host's own address, anonymous clients allowed (lab only)."""
+    conf = Path(tempfile.mkdtemp(prefix=f"wicket-{lab.run_id}-mqtt-")) / "mosquitto.conf"
+    conf.write_text(f"listener {port} {lab.addr(role)}\nallow_anonymous true\npersistence false\nlog_dest stderr\n")
+    proc = lab.spawn(role, ["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    for _ in range(100):
+        if proc.poll() is not None:
+            raise RuntimeError(f"mosquitto exited: {proc.stderr.read()}")
+        if lab.exec(role, ["ss", "-ltn", f"sport = :{port}"], check=False).stdout.count("LISTEN"):
+            return proc
+        time.sleep(0.05)
+    raise RuntimeError("mosquitto did not listen")
+
+
+def open_tcp_ports(lab: Lab, role: str, targets: list[str], ports: str = "1-65535", timeout: float = 240) -> set[tuple[str, int]]:
+    """A TCP connect scan (nmap) from `role` of every target: the (address, port) pairs that answered open."""
+    argv = ["nmap", "-n", "-Pn", "-sT", "-T5", "--max-retries", "1", "--min-rate", "20000", "-p", ports, "-oX", "-", *targets]
+    out = lab.exec(role, argv, timeout=timeout).stdout
+    found = set()
+    for host in ET.fromstring(out).iter("host"):
+        addr = host.find("address").get("addr")
+        for p in host.iter("port"):
+            if p.find("state").get("state") == "open":
+                found.add((addr, int(p.get("portid"))))
+    return found
