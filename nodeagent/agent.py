@@ -36,13 +36,14 @@ TOMBSTONE_RETENTION_S = 7 * 24 * 3600
 
 class Agent:
     def __init__(self, cfg: AgentConfig, *, clock: Clock | None = None, backend=None, firewall=None, conntrack=None,
-                 listen_events: bool = True):
+                 listen_events: bool = True, names="auto"):
         self.cfg = cfg
         self.clock = clock or Clock()
         self.naming = Naming(cfg.tag)
         self.state = StateDir(cfg.state_dir)
         self._backend, self._firewall, self._conntrack = backend, firewall, conntrack
         self.listen_events = listen_events
+        self._names_given = names  # "auto": resolve FQDNs with the configured servers; tests pass their own (or None)
         self.desired: DesiredNodeState | None = None
         self.last_report: ReconcileReport | None = None
         self.requests: queue.Queue = queue.Queue()
@@ -85,7 +86,7 @@ class Agent:
         self.lanes = LaneManager(self.naming, self._backend, fw, ct, self.state, self.clock, self.cfg.node_id,
                                  on_ended=self._on_ended, recording_cap_bytes=self.cfg.recording_cap_bytes)
         self.devices = DeviceTraffic(fw, ct, self.state, self.clock, self.cfg.node_id, self.backend_kind,
-                                     names=self._names(), breach_report_s=self.cfg.breach_report_s, on_ended=self._on_ended)
+                                     names=self._names() if self._names_given == "auto" else self._names_given, breach_report_s=self.cfg.breach_report_s, on_ended=self._on_ended)
         if self.listen_events:
             self.listener = DestroyListener(
                 want=lambda mark: self.lanes.lane_of_mark(mark) is not None or self.devices.grants.has_mark(mark),

@@ -90,6 +90,7 @@ class Grants:
         self.records: dict[str, GrantRecord] = {}
         self.listener = None
         self._closing: set[int] = set()
+        self.kernel: dict[Key, tuple[int, float | None]] = {}  # grant elements as last written: key → (mark, deadline)
 
     # ---- start-up ----
 
@@ -116,10 +117,8 @@ class Grants:
             for mark in {in_kernel[k] for k in orphans}:
                 self._flush(mark)
             notes.append(f"swept {len(orphans)} grant element(s) nobody records")
-        for rec in self.records.values():
-            present = [k for k in rec.keys if tuple(k) in in_kernel]
-            if len(present) != len(rec.keys):
-                rec.keys = present  # re-added by the next reconcile (a replaced table, or expired in the kernel)
+        # timeouts are unknown here: the next sync writes every element again with its grant's deadline
+        self.kernel = {k: (mark, None) for k, mark in in_kernel.items() if mark in ours}
         return notes
 
     # ---- reconcile ----
@@ -155,15 +154,37 @@ class Grants:
         for rec, _reason in ending:
             wanted.pop(rec.session_id, None)  # ended now: the same pass must not open it again
         for sid, spec in sorted(wanted.items()):
-            rec = self.records.get(sid)
-            try:
-                self._converge(spec, rec, boot, now, baseline, resolve, changes)
-            except (FirewallError, OSError) as exc:
-                errors.append(f"grant {sid}: {exc}")
+            self._converge(spec, self.records.get(sid), boot, baseline, resolve, changes)
+        self._sync(errors)
         return changes, errors
 
-    def _converge(self, spec: GrantSpec, rec: GrantRecord | None, boot: str, now: float,
-                  baseline: BaselineState | None, resolve, changes: list[str]) -> None:
+    def _sync(self, errors: list[str]) -> None:
+        """Make the kernel's grant elements those the live grants want. Two grants may want the same key
+        (one device, one destination, one port): the one that ends last holds it, so ending the other
+        leaves the flow open, and its connections are taken up by the grant still holding the key."""
+        desired: dict[Key, tuple[int, float]] = {}
+        for rec in sorted(self.records.values(), key=lambda r: (r.deadline, r.session_id)):
+            for k in rec.keys:
+                desired[tuple(k)] = (rec.mark, rec.deadline)
+        stale = sorted(k for k, v in self.kernel.items() if desired.get(k) != v)
+        add = sorted(k for k, v in desired.items() if self.kernel.get(k) != v)
+        try:
+            if stale:  # the kernel keeps an element's first timeout: a changed element is removed, then added
+                for err in self.fw.delete_tolerant([self.fw.grant_keys(stale)]):
+                    errors.append(f"removing grant elements: {err}")
+            now = self.clock.mono()
+            groups: dict[tuple[int, float], list[Key]] = {}
+            for k in add:
+                groups.setdefault(desired[k], []).append(k)
+            self.fw.commit(add=[self.fw.grant_elements(keys, mark, deadline - now) for (mark, deadline), keys in groups.items()])
+            self.kernel = desired
+        except (FirewallError, OSError) as exc:
+            errors.append(f"grants: {exc}")
+            self.kernel = {k: v for k, v in self.kernel.items() if k not in stale}
+
+    def _converge(self, spec: GrantSpec, rec: GrantRecord | None, boot: str, baseline: BaselineState | None,
+                  resolve, changes: list[str]) -> None:
+        """Bring one grant's record up to date with its spec and its destinations' addresses now."""
         keys, resolved = wanted_keys(spec, baseline, resolve)
         spec_json = spec.model_dump(mode="json")
         if rec is None:
@@ -174,21 +195,11 @@ class Grants:
             verb = "opened"
         elif rec.end_time != spec.end_time.timestamp() or rec.boot_id != boot:
             rec.deadline, rec.end_time, rec.boot_id = self.clock.deadline_for(spec.end_time), spec.end_time.timestamp(), boot
-            rec.spec = spec_json
             verb = "extended"
         elif [tuple(k) for k in rec.keys] == keys and rec.spec == spec_json:
             return
         else:
             verb = "changed"
-        have = {tuple(k) for k in rec.keys}
-        if verb == "changed":
-            add, stale = sorted(set(keys) - have), sorted(have - set(keys))
-        else:
-            add, stale = keys, []
-            if have:  # an extension: the kernel keeps an element's first timeout, so its elements are re-added
-                self.fw.delete_tolerant([self.fw.grant_keys(sorted(have))])
-        self.fw.commit(add=[self.fw.grant_elements(add, rec.mark, rec.deadline - now)] if add else [],
-                       delete=[self.fw.grant_keys(stale)] if stale else [])
         rec.keys = [list(k) for k in keys]
         rec.spec = spec_json
         rec.destinations = resolved
@@ -209,10 +220,9 @@ class Grants:
     def _close(self, ending: list[tuple[GrantRecord, EndReason]], changes: list[str], errors: list[str]) -> None:
         if not ending:
             return
-        keys = [tuple(k) for rec, _ in ending for k in rec.keys]
-        if keys:
-            for err in self.fw.delete_tolerant([self.fw.grant_keys(keys)]):
-                errors.append(f"removing grant elements: {err}")
+        for rec, _ in ending:
+            self.records.pop(rec.session_id, None)
+        self._sync(errors)  # first the flows go, then the connections: none can come back in between
         cut = {}
         for rec, _ in ending:
             self._closing.add(rec.mark)

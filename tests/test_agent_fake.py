@@ -50,7 +50,8 @@ class Node:
         self.agent = self._new_agent()
 
     def _new_agent(self) -> Agent:
-        agent = Agent(self.cfg, clock=self.clock, backend=self.backend, firewall=self.fw, conntrack=self.ct, listen_events=False)
+        agent = Agent(self.cfg, clock=self.clock, backend=self.backend, firewall=self.fw, conntrack=self.ct, listen_events=False,
+                      names=None)  # never the machine's resolver from a unit test
         agent.clock_check = lambda: self.clock_state
         agent.start()
         return agent
