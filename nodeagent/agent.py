@@ -211,6 +211,7 @@ class Agent:
             clock_detail=why if synced or self.cfg.clock_sync == "warn" else f"{why}: new lanes are refused",
             link=self.link.describe() if self.link is not None else None,
             strict_after_s=self.cfg.strict_after_s or None,
+            baseline=self.devices.summary(),
         )
 
     # ---- the loop ----

@@ -248,10 +248,25 @@ def _status(cfg, args) -> int:
         print(f"clock: {st['clock_detail']}")
     print(f"controller link: {st.get('link') or 'not enrolled (local control socket only)'}"
           + (f"  strict mode: lanes end {st['strict_after_s']:g} s after control is lost" if st.get("strict_after_s") else ""))
+    base = st.get("baseline")
+    if base:
+        print(f"device baselines: {base['devices']} device address(es), {base['profiles']} profile(s), "
+              f"hosts without a passport: {'denied' if base['unpassported'] == 'deny' else 'left to the router'}, "
+              f"{base['grants']} grant(s)")
+        for n in base["names"]:
+            extra = f" (kept until {n['stale_until']})" if n["state"] == "stale" else ""
+            print(f"  dns {n['fqdn']}: {n['state']}{extra} {','.join(n['addresses']) or '(empty)'}"
+                  + (f"  {n['error']}" if n.get("error") else ""))
+    else:
+        print("device baselines: none (the controller sends none, or this node is not linked)")
     if not st["lanes"]:
-        print("no lanes")
+        print("no lanes or grants")
     for lane in st["lanes"]:
         left = max(0, int(lane["seconds_left"]))
+        if not lane["listen_port"]:  # a grant: a device's own flow, no tunnel
+            print(f"  {lane['session_id']:<24} {lane['lane']}  grant  {lane['device_address']} "
+                  f"{','.join(lane['allowed'])}  {left // 60:d}m{left % 60:02d}s left")
+            continue
         print(
             f"  {lane['session_id']:<24} {lane['lane']}  {lane['engineer_address']} → {lane['device_address']} "
             f"{','.join(lane['allowed'])}  udp/{lane['listen_port']}  {left // 60:d}m{left % 60:02d}s left"

@@ -18,7 +18,16 @@ from datetime import UTC, datetime
 from .baseline import Baselines
 from .errors import FirewallError
 from .grants import Grants
-from .wire import MAX_BREACHES, Breach, DesiredNodeState, DeviceReport, EndReason, NameStatus, ObservedLane
+from .wire import (
+    MAX_BREACHES,
+    BaselineSummary,
+    Breach,
+    DesiredNodeState,
+    DeviceReport,
+    EndReason,
+    NameStatus,
+    ObservedLane,
+)
 
 log = logging.getLogger("wicket.agent.devices")
 
@@ -179,6 +188,14 @@ class DeviceTraffic:
                         report.window_start.isoformat(timespec="seconds"), report.window_end.isoformat(timespec="seconds"),
                         len(rows), len({r[0] for r in rows}))
         return report
+
+    def summary(self) -> BaselineSummary | None:
+        baseline = self.desired.baseline if self.desired else None
+        if baseline is None:
+            return None
+        return BaselineSummary(devices=len(self.baselines.applied.devices), profiles=len(baseline.profiles),
+                               unpassported=baseline.unpassported, grants=len(self.grants.records),
+                               names=self.names.status() if self.names is not None else [])
 
     def observed(self) -> list[ObservedLane]:
         return self.grants.observed()

@@ -444,6 +444,30 @@ class ReconcileReport(_Msg):
     errors: list[str] = Field(default_factory=list)
 
 
+class NameStatus(_Msg):
+    """What one destination FQDN resolves to on the agent, and how fresh that is."""
+
+    fqdn: str
+    addresses: list[str] = Field(default_factory=list)
+    state: Literal["pending", "ok", "stale", "failed"] = Field(
+        description="pending: never resolved; stale: the resolver fails, the last good set is kept; failed: "
+                    "no good set (never, or kept past its limit), so the destination is empty")
+    ttl_s: int | None = None
+    resolved_at: UtcTime | None = None
+    stale_until: UtcTime | None = None
+    error: str | None = Field(default=None, max_length=500)
+
+
+class BaselineSummary(_Msg):
+    """What the agent enforces for devices' own traffic (v4)."""
+
+    devices: int = Field(ge=0, description="device addresses with a baseline")
+    profiles: int = Field(ge=0)
+    unpassported: Literal["router", "deny"] = "router"
+    grants: int = Field(default=0, ge=0)
+    names: list[NameStatus] = Field(default_factory=list, max_length=256)
+
+
 class AgentStatus(_Msg):
     """Agent → controller (and the local CLI): what the node is enforcing now."""
 
@@ -460,6 +484,7 @@ class AgentStatus(_Msg):
     clock_detail: str | None = None  # v2: why the clock is (not) considered synchronised
     link: str | None = None  # v2: "connected to …", "disconnected since …", or None when not enrolled
     strict_after_s: float | None = None  # v2: strict mode's limit, None when lanes live to their end time
+    baseline: BaselineSummary | None = None  # v4: None when the desired state carries no baseline
 
 
 class Breach(_Msg):
@@ -471,20 +496,6 @@ class Breach(_Msg):
     proto: str
     port: int | None
     packets: int = Field(ge=0)
-
-
-class NameStatus(_Msg):
-    """What one destination FQDN resolves to on the agent, and how fresh that is."""
-
-    fqdn: str
-    addresses: list[str] = Field(default_factory=list)
-    state: Literal["pending", "ok", "stale", "failed"] = Field(
-        description="pending: never resolved; stale: the resolver fails, the last good set is kept; failed: "
-                    "no good set (never, or kept past its limit), so the destination is empty")
-    ttl_s: int | None = None
-    resolved_at: UtcTime | None = None
-    stale_until: UtcTime | None = None
-    error: str | None = Field(default=None, max_length=500)
 
 
 MAX_BREACHES = 1000

@@ -117,6 +117,10 @@ def test_each_device_type_reaches_its_destinations_and_nothing_else(site):
     assert _mqtt_roundtrip(lab, "der1", lab.addr("broker")) == "delivered"
     # a host without a passport is left to the router's own firewall (the default)
     assert (lab.addr("mdm"), 2404) in open_tcp_ports(lab, "stray1", [lab.addr("mdm")], "2404,4059")
+    # the site admin's view
+    shown = lab.exec("rtr", py("nodeagent.cli", "--state-dir", agent.state_dir, "status")).stdout
+    assert "device baselines: 3 device address(es), 3 profile(s), hosts without a passport: left to the router" in shown
+    assert f"dns {MDM_NAME}: ok {lab.addr('mdm')}" in shown, shown
 
 
 def test_full_port_range_scan_finds_only_the_baseline(site):
