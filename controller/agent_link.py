@@ -50,20 +50,23 @@ from nodeagent.wire import (
     RecordingReceipt,
     Refused,
     Renew,
+    ReportReceipt,
     SignedEvidence,
+    SignedReport,
     Welcome,
     decode_frame,
     encode_frame,
     evidence_bytes,
     evidence_payload,
     frame_length,
+    report_bytes,
 )
 
-from . import __version__, events
+from . import __version__, device_reports, events
 from .agent_ca import peer_node
 from .db import transaction
 from .enrolment import Agents, EnrolmentRefused
-from .models import LaneEvidenceRecord, NodeAgent
+from .models import LaneEvidenceRecord, NodeAgent, Site
 from .nodelink import LinkElsewhere, LinkError
 from .recordings import RecordingRefused, RecordingStore
 from .session_lanes import desired_state
@@ -95,14 +98,17 @@ class _Conn:
 
 class LinkServer:
     """Serves enrolment and agent links on one TLS port. What agents report reaches `on_applied(node,
-    generation, report, status)` and `on_evidence(node, session_id, end_reason)`."""
+    generation, report, status)` and `on_evidence(node, session_id, end_reason)`; device reports go into
+    the audit chain (`controller.device_reports`), at most `breach_records_per_report` breach records each."""
 
     self_pushing = True  # each connection pushes its node's state itself (see session_lanes.Pusher)
 
     def __init__(self, agents: Agents, ssl_context: ssl.SSLContext, *, heartbeat_s: float = 10.0,
-                 ack_timeout_s: float = 10.0, replica: str | None = None, renew_server_cert=None):
+                 ack_timeout_s: float = 10.0, replica: str | None = None, renew_server_cert=None,
+                 breach_records_per_report: int = device_reports.BREACH_RECORDS_PER_REPORT):
         self.agents, self.factory, self.ctx = agents, agents.factory, ssl_context
         self.heartbeat_s, self.ack_timeout_s = heartbeat_s, ack_timeout_s
+        self.breach_records_per_report = breach_records_per_report
         # (ctx) -> None: loads a fresh controller certificate; the link's own lasts 30 days, renewed daily
         self.renew_server_cert = renew_server_cert
         # Stable across restarts of this controller, so a restart after a crash marks its links down.
@@ -312,6 +318,9 @@ class LinkServer:
         elif isinstance(msg, SignedEvidence):
             if await asyncio.to_thread(self._evidence, conn, msg):
                 await self._send(conn, EvidenceReceipt(ident=msg.ident))
+        elif isinstance(msg, SignedReport):
+            if await asyncio.to_thread(self._report, conn, msg):
+                await self._send(conn, ReportReceipt(ident=msg.ident))
         elif isinstance(msg, RecordingChunk):
             await self._recording(conn, msg)
         elif isinstance(msg, Renew):
@@ -531,9 +540,6 @@ class LinkServer:
 
     def _evidence(self, conn: _Conn, msg: SignedEvidence) -> bool:
         """Store a signed evidence record once; True when it is stored (now or before)."""
-        from cryptography.exceptions import InvalidSignature
-        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
         now = datetime.now(UTC)
         ev = msg.evidence
         with transaction(self.factory) as s:
@@ -541,10 +547,7 @@ class LinkServer:
             if ev.node_id != conn.node:
                 log.warning("evidence %s from %s names node %s: refused", msg.ident, conn.node, ev.node_id)
                 return False
-            try:
-                Ed25519PublicKey.from_public_bytes(base64.b64decode(agent.evidence_public_key)).verify(
-                    base64.b64decode(msg.signature), evidence_bytes(msg.ident, ev))
-            except (InvalidSignature, binascii.Error, ValueError, TypeError):
+            if not _signed_by(agent.evidence_public_key, msg.signature, evidence_bytes(msg.ident, ev)):
                 log.warning("evidence %s from %s: the signature does not verify; refused", msg.ident, conn.node)
                 events.record(s, at=now, category="evidence", type="lane.evidence", result="failure", actor=events.agent_actor(conn.node),
                               subject=ev.session_id, reason="bad_signature", ident=msg.ident)
@@ -568,6 +571,27 @@ class LinkServer:
             self.on_evidence(conn.node, ev.session_id, ev.end_reason.value)
         return True
 
+    def _report(self, conn: _Conn, msg: SignedReport) -> bool:
+        """Record a signed device report once (`controller.device_reports`); True when the agent may delete it."""
+        now = datetime.now(UTC)
+        with transaction(self.factory) as s:
+            agent = self.agents.check_certificate(s, conn.node, conn.serial, now)
+            if msg.report.node_id != conn.node:
+                log.warning("device report %s from %s names node %s: refused", msg.ident, conn.node, msg.report.node_id)
+                return False
+            if not _signed_by(agent.evidence_public_key, msg.signature, report_bytes(msg.ident, msg.report)):
+                log.warning("device report %s from %s: the signature does not verify; refused", msg.ident, conn.node)
+                return False
+            site = s.scalar(select(Site.name).where(Site.id == agent.site_id))
+            try:
+                device_reports.record(s, node=conn.node, site=site, ident=msg.ident, report=msg.report,
+                                      signature=msg.signature, signed_with=agent.evidence_public_key, now=now,
+                                      limit=self.breach_records_per_report)
+            except device_reports.ReportRefused as exc:
+                log.error("device report %s from %s refused: %s", msg.ident, conn.node, exc)
+                return False
+        return True
+
     def _not_here(self, node: str):
         with self.factory() as s:
             row = s.execute(select(NodeAgent.connected, NodeAgent.link_replica, NodeAgent.enrolled_at, NodeAgent.last_seen)
@@ -582,6 +606,18 @@ class LinkServer:
             raise LinkElsewhere(f"node {node} is linked to replica {row.link_replica}")
         seen = row.last_seen.isoformat() if row.last_seen else "never"
         raise LinkError(f"node {node} is not connected to the controller (last seen {seen})")
+
+
+def _signed_by(public_key: str | None, signature: str, data: bytes) -> bool:
+    """Whether `signature` (base64) is the node's evidence key's Ed25519 signature of `data`."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    try:
+        Ed25519PublicKey.from_public_bytes(base64.b64decode(public_key or "")).verify(base64.b64decode(signature), data)
+    except (InvalidSignature, binascii.Error, ValueError, TypeError):
+        return False
+    return True
 
 
 async def _read(reader: asyncio.StreamReader):

@@ -99,6 +99,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time, en
             link = LinkServer(app.state.agents, ca.server_context(list(settings.link_names), settings.keys_dir),
                               heartbeat_s=settings.link_heartbeat_s, ack_timeout_s=settings.ack_timeout_s,
                               replica=settings.replica_id or None,
+                              breach_records_per_report=settings.breach_records_per_report,
                               renew_server_cert=lambda ctx: ca.load_server_cert(ctx, list(settings.link_names), settings.keys_dir))
         else:
             link = NoLink()

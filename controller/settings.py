@@ -62,6 +62,7 @@ class Settings:
     audit_checkpoint_s: int = 60  # and at the head this often, when it moved
     audit_sinks_file: str = ""  # TOML file of SIEM sinks (docs/siem-export.md); "" = <data_dir>/sinks.toml if it exists
     evidence_wait_s: int = 600  # a lane's evidence not delivered this long after its end is recorded as missing
+    breach_records_per_report: int = 50  # device.breach records per device report; the rest are summarised
 
     @property
     def keys_dir(self) -> Path:
@@ -114,6 +115,7 @@ def load(env: dict[str, str] | None = None) -> Settings:
         audit_checkpoint_s=_int(env, "WICKET_AUDIT_CHECKPOINT_S", 60, low=1, high=3600),
         audit_sinks_file=env.get("WICKET_AUDIT_SINKS_FILE", ""),
         evidence_wait_s=_int(env, "WICKET_EVIDENCE_WAIT_S", 600, low=10, high=7 * 86400),
+        breach_records_per_report=_int(env, "WICKET_BREACH_RECORDS_PER_REPORT", 50, low=1, high=1000),
     )
     if settings.token_idle_s > settings.token_max_s:
         raise SettingsError("WICKET_TOKEN_IDLE_S must not exceed WICKET_TOKEN_MAX_S")

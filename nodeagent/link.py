@@ -3,10 +3,11 @@
 Runs an asyncio loop in its own thread. Every change still happens on the agent's loop thread: a pushed
 desired state is handed over with `submit` and answered with `applied` (or `refused`) once the agent has
 converged on it. Besides that the link sends the agent's status every few seconds, delivers evidence
-(signed with the enrolment key; a record is deleted only after the controller's receipt), renews the
-client certificate at half its life, and answers pings. It reconnects with backoff (1 s doubling to
-30 s, jittered). `last_contact` (monotonic) is when the controller was last heard: strict mode counts
-from it, and it is persisted so a restart while cut off does not reset the count.
+and device reports (signed with the enrolment key; a record is deleted only after the controller's
+receipt; reports only to a controller speaking v4), renews the client certificate at half its life, and
+answers pings. It reconnects with backoff (1 s doubling to 30 s, jittered). `last_contact` (monotonic)
+is when the controller was last heard: strict mode counts from it, and it is persisted so a restart
+while cut off does not reset the count.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from cryptography import x509
 
 from . import __version__
 from .enroll import LinkFiles, check_controller_cert, new_tls_key
+from .state import ReportSpool
 from .wire import (
     PROTOCOL_VERSION,
     RECORDING_CHUNK,
@@ -45,12 +47,15 @@ from .wire import (
     RecordingReceipt,
     Refused,
     Renew,
+    ReportReceipt,
     SignedEvidence,
+    SignedReport,
     Welcome,
     decode_frame,
     encode_frame,
     evidence_bytes,
     frame_length,
+    report_bytes,
 )
 
 log = logging.getLogger("wicket.agent.link")
@@ -84,6 +89,8 @@ class LinkClient:
         self.recordings_dir = self.evidence_dir.parent / "recordings"
         self._uploading: set[str] = set()
         self.peer_version = version
+        self.reports = ReportSpool(self.evidence_dir.parent / "reports")
+        self._reports_held_said = False  # "the controller takes no reports" is logged once
 
     # ---- life ----
 
@@ -215,6 +222,9 @@ class LinkClient:
                 await self._send(Refused(generation=msg.generation, error=str(answer.get("error"))[:2000]))
         elif isinstance(msg, EvidenceReceipt):
             await self._ask({"op": "evidence", "ack": msg.ident})
+        elif isinstance(msg, ReportReceipt):
+            if self.reports.ack(msg.ident):
+                log.debug("device report %s recorded by the controller", msg.ident)
         elif isinstance(msg, RecordingReceipt):
             self._uploading.discard(msg.ident)
             if msg.stored:
@@ -251,6 +261,7 @@ class LinkClient:
                     if answer.get("ok"):
                         await self._send(AgentStatus.model_validate(answer["status"]))
                 await self._deliver_evidence(sent)
+                await self._deliver_reports(sent)
                 await self._deliver_recordings(sent)
                 await self._renew_if_due()
             except (ConnectionError, OSError):
@@ -276,6 +287,33 @@ class LinkClient:
                 await self._send(SignedEvidence(ident=p.stem, evidence=ev, signature=sig))
             except ValueError as exc:  # larger than a frame: kept on disk for `wicket-agent evidence`, not retried here
                 log.error("evidence %s cannot be sent over the link: %s", p.stem, exc)
+
+    async def _deliver_reports(self, sent: set[str]) -> None:
+        """Send each spooled device report once per connection, signed like evidence; its receipt deletes it."""
+        idents = self.reports.idents()
+        if not idents:
+            return
+        if self.peer_version < 4:
+            if not self._reports_held_said:
+                self._reports_held_said = True
+                log.warning("the controller speaks protocol v%d, which takes no device reports: %d report(s) stay "
+                            "spooled until it speaks v4", self.peer_version, len(idents))
+            return
+        key = None
+        for ident in idents:
+            if ("report:" + ident) in sent:
+                continue
+            try:
+                report = self.reports.load(ident)
+            except (OSError, ValueError):
+                continue  # receipted meanwhile, or unreadable: the spool's cap removes it in time
+            key = key or self.files.evidence_key()
+            sig = base64.b64encode(key.sign(report_bytes(ident, report))).decode()
+            sent.add("report:" + ident)
+            try:
+                await self._send(SignedReport(ident=ident, report=report, signature=sig))
+            except ValueError as exc:  # larger than a frame: not retried on this connection
+                log.error("device report %s cannot be sent over the link: %s", ident, exc)
 
     async def _deliver_recordings(self, sent: set[str]) -> None:
         """Upload payload recordings whose evidence the controller has receipted, one at a time, in chunks."""

@@ -9,6 +9,8 @@ Layout under the state directory:
                           (a stale or restored desired state cannot bring back a revoked lane)
   flows/<lane>.jsonl      connections that ended while the lane lived (conntrack DESTROY events)
   evidence/<id>.json      lane evidence waiting to be collected
+  reports/<id>.json       device reports (baseline breaches, DNS health) waiting for the controller's receipt;
+                          at most MAX_SPOOLED_REPORTS, the oldest dropped first (`ReportSpool`)
 Every file is written to a temporary name and renamed: a crash leaves the old or the new file. Evidence
 and ended sessions are also fsynced.
 """
@@ -16,12 +18,18 @@ and ended sessions are also fsynced.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .wire import DesiredNodeState, LaneEvidence, LaneSpec
+from .wire import DesiredNodeState, DeviceReport, LaneEvidence, LaneSpec
+
+log = logging.getLogger("wicket.agent.state")
+# A report a minute is 16 hours of reports: a controller away longer than that loses the oldest.
+MAX_SPOOLED_REPORTS = 1000
 
 
 @dataclass
@@ -59,10 +67,11 @@ class StateDir:
         self.root = Path(path)
         self._closed: dict[str, float] | None = None
         self._removed: dict[str, tuple[int, float]] | None = None
-        for sub in ("", "lanes", "closed", "removed", "flows", "evidence", "recordings"):
+        for sub in ("", "lanes", "closed", "removed", "flows", "evidence", "recordings", "reports"):
             d = self.root / sub
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(d, 0o700)
+        self.reports = ReportSpool(self.root / "reports")
 
     # ---- desired state ----
 
@@ -193,6 +202,90 @@ class StateDir:
             return False
         p.unlink()
         return True
+
+    # ---- device reports ----
+
+    def spool_report(self, report: DeviceReport) -> str:
+        return self.reports.spool(report)
+
+    def pending_reports(self) -> dict[str, DeviceReport]:
+        return self.reports.pending()
+
+    def ack_report(self, ident: str) -> bool:
+        return self.reports.ack(ident)
+
+
+class ReportSpool:
+    """Device reports waiting for the controller's receipt, one durable file each, named so that name order is
+    the order they were made in. The agent's loop writes them; the link thread reads them and deletes each one
+    the controller receipts (deleting needs no lock: a file is whole from its rename until its unlink).
+
+    The spool is capped at `limit` files: a controller away for long costs the oldest reports, with an ERROR
+    line saying how many. Their breaches are then in no record of the controller; the agent's journal has the
+    line."""
+
+    def __init__(self, path: Path, limit: int = MAX_SPOOLED_REPORTS):
+        self.path, self.limit = Path(path), limit
+
+    def spool(self, report: DeviceReport) -> str:
+        """Write `report` durably; its ident ("report-<window end, ms>", with "-2"… if that is taken)."""
+        base = f"report-{int(report.window_end.timestamp() * 1000):013d}"
+        ident, n = base, 1
+        while (self.path / f"{ident}.json").exists():
+            n += 1
+            ident = f"{base}-{n}"
+        _write(self.path / f"{ident}.json", report.model_dump_json(), durable=True)
+        self._cap()
+        return ident
+
+    def idents(self) -> list[str]:
+        """The spooled reports' idents, oldest first."""
+        try:
+            return sorted((p.stem for p in self.path.glob("*.json")), key=_report_order)
+        except OSError:
+            return []
+
+    def load(self, ident: str) -> DeviceReport:
+        """One report; OSError when it is gone (receipted meanwhile), ValueError when it cannot be read."""
+        return DeviceReport.model_validate_json((self.path / f"{ident}.json").read_text())
+
+    def pending(self) -> dict[str, DeviceReport]:
+        out = {}
+        for ident in self.idents():
+            try:
+                out[ident] = self.load(ident)
+            except (OSError, ValueError):
+                continue
+        return out
+
+    def ack(self, ident: str) -> bool:
+        if not _REPORT_IDENT.fullmatch(ident):
+            return False  # the controller names only what it was sent; anything else is no file of ours
+        try:
+            (self.path / f"{ident}.json").unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
+    def _cap(self) -> None:
+        idents = self.idents()
+        extra = len(idents) - self.limit
+        if extra <= 0:
+            return
+        for ident in idents[:extra]:
+            _unlink(self.path / f"{ident}.json")
+        log.error("device reports: the spool holds more than %d reports (is the controller away?); dropped the %d oldest, "
+                  "from %s to %s: their breaches and DNS changes will not reach the audit chain", self.limit, extra,
+                  idents[0], idents[extra - 1])
+
+
+_REPORT_IDENT = re.compile(r"report-[0-9]{13,}(?:-[0-9]+)?")
+
+
+def _report_order(ident: str) -> tuple[str, int]:
+    """Sort key: report-<ms> before report-<ms>-2 before report-<ms>-10."""
+    base, _, n = ident.partition("-")[2].partition("-")
+    return (base, int(n) if n.isdigit() else 1)
 
 
 def _write(path: Path, text: str, durable: bool = False) -> None:

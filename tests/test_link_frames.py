@@ -15,11 +15,14 @@ from nodeagent.wire import (
     EVIDENCE_SIGNATURE_CONTEXT,
     MAX_FRAME,
     PROTOCOL_VERSION,
+    REPORT_SIGNATURE_CONTEXT,
     AgentStatus,
     Applied,
     BlockedAttempt,
+    Breach,
     Certificate,
     DesiredNodeState,
+    DeviceReport,
     EndReason,
     EnrollBegin,
     EnrollCA,
@@ -29,10 +32,12 @@ from nodeagent.wire import (
     FlowRecord,
     FrameError,
     Goodbye,
+    GrantSpec,
     Hello,
     LaneEvidence,
     LaneTotals,
     LinkFrame,
+    NameStatus,
     ObservedLane,
     Ping,
     Pong,
@@ -42,7 +47,9 @@ from nodeagent.wire import (
     RecordingReceipt,
     Refused,
     Renew,
+    ReportReceipt,
     SignedEvidence,
+    SignedReport,
     Welcome,
     WireGuardStats,
     decode_frame,
@@ -50,6 +57,7 @@ from nodeagent.wire import (
     evidence_bytes,
     frame_length,
     parse_token,
+    report_bytes,
 )
 
 KEYS = [base64.b64encode(bytes([i + 1] * 32)).decode() for i in range(4)]
@@ -98,6 +106,18 @@ def desired() -> DesiredNodeState:
     )
 
 
+def device_report() -> DeviceReport:
+    return DeviceReport(
+        node_id="rtr-1", window_start=END - timedelta(minutes=1), window_end=END, devices=2,
+        breaches=[Breach(asset_id="rtu-1", source="192.0.2.10", destination="203.0.113.9", proto="tcp", port=443, packets=7),
+                  Breach(asset_id=None, source="192.0.2.77", destination="198.51.100.3", proto="icmp", port=None, packets=1)],
+        breaches_left_out=3,
+        names=[NameStatus(fqdn="scada.example.net", addresses=["198.51.100.20"], state="ok", ttl_s=300,
+                          resolved_at=END - timedelta(seconds=30), stale_until=END + timedelta(hours=1))],
+        name_changes=["scada.example.net"],
+    )
+
+
 def one_of_each() -> list:
     ev = evidence()
     return [
@@ -118,6 +138,8 @@ def one_of_each() -> list:
         RecordingChunk(ident="s-0-1893553445678-wkab1abcdefghij", offset=0, data=base64.b64encode(b"pcap").decode(),
                        last=True, sha256="a" * 64),
         RecordingReceipt(ident="s-0-1893553445678-wkab1abcdefghij", stored=False, error="hash mismatch"),
+        SignedReport(ident="report-1893553445678", report=device_report(), signature=base64.b64encode(b"\0" * 64).decode()),
+        ReportReceipt(ident="report-1893553445678"),
         Renew(csr_pem="-----BEGIN CERTIFICATE REQUEST-----\n"),
         Certificate(certificate_pem="-----BEGIN CERTIFICATE-----\n", not_after=END),
         Ping(sent=1893553445.25),
@@ -350,6 +372,8 @@ CHANGES = {
     "wireguard": None,
     "notes": [],
     "recording": RecordingInfo(sha256="c" * 64, size=1024, packets=3),
+    "scope": "grant",
+    "destinations": {"scada": ["198.51.100.20"]},
 }
 
 
@@ -368,3 +392,31 @@ def test_evidence_bytes_change_when_any_field_changes(field):
 def test_evidence_bytes_change_with_the_ident():
     ev = evidence()
     assert evidence_bytes("id-1", ev) != evidence_bytes("id-2", ev)
+
+
+# ---- what a device report's signature covers ---------------------------------------------------------------------
+
+
+def test_report_bytes_are_deterministic_and_cover_the_ident_and_every_part():
+    rep = device_report()
+    via_json = DeviceReport.model_validate_json(rep.model_dump_json(indent=2))
+    assert report_bytes("report-1", via_json) == report_bytes("report-1", rep), "a spooled and re-read report signs the same"
+    assert report_bytes("report-1", rep).startswith(REPORT_SIGNATURE_CONTEXT + b"report-1\n")
+    assert report_bytes("report-2", rep) != report_bytes("report-1", rep)
+    changed = {"breaches": rep.breaches[:1], "breaches_left_out": 0, "names": [], "name_changes": [], "devices": 3,
+               "window_end": END + timedelta(seconds=1)}
+    for field, value in changed.items():
+        assert report_bytes("report-1", rep.model_copy(update={field: value})) != report_bytes("report-1", rep), field
+
+
+def test_a_v3_agent_gets_no_baseline_or_grants_and_a_v4_agent_gets_both():
+    from tests.test_baseline_rules import state
+
+    d = desired().model_copy(update={"baseline": state(), "grants": [GrantSpec(
+        session_id="g-1", device_id="rtu-1", device_address="192.0.2.11", end_time=END,
+        flows=[{"protocol": "dlms", "transport": "tcp", "ports": [4059], "to": ["mdm"]}])]})
+    v3 = json.loads(encode_frame(d, 3)[4:])
+    assert "baseline" not in v3 and "grants" not in v3 and v3["lanes"], "lanes still go to a v3 agent"
+    assert DesiredNodeState.model_validate(v3).baseline is None
+    v4 = decode_frame(encode_frame(d, 4)[4:])
+    assert v4.baseline == d.baseline and v4.grants == d.grants

@@ -161,6 +161,13 @@ MAPPINGS: dict[str, Mapping] = {
     "session.recording": _m("Payload recording stored", "info", "file", "creation", 6003, 1, "high"),
     "session.recording_download": _m("Payload recording downloaded", "notice", "file", "access", 6003, 2),
     "session.anomaly": _m("Blocked attempts in a session", "warning", "network", "connection,denied", 4001, 5),
+    # device baselines and DNS, from node agents' reports (controller/device_reports.py)
+    "device.breach": _m("Device flows outside its baseline blocked", "warning", "network", "connection,denied", 4001, 5, "high"),
+    "device.breach_summary": _m("Device baseline breaches not listed", "warning", "network", "connection,denied", 4001, 5,
+                                "high"),
+    "destination.resolved": _m("Destination resolved", "info", "configuration", "change", 0, 99),
+    "destination.stale": _m("Destination resolution failing, last addresses kept", "notice", "configuration", "info", 0, 99),
+    "destination.failed": _m("Destination without addresses", "warning", "configuration", "info", 0, 99, "high"),
     # the audit log itself
     "audit.checkpoint": _m("Audit checkpoint signed", "info", "configuration", "info", 0, 99, "high"),
     "audit.export": _m("Audit records exported", "notice", "api", "access", 6003, 2),
@@ -178,6 +185,7 @@ _BY_CATEGORY: dict[str, Mapping] = {
     "inventory": _m("Inventory event", "notice", "configuration", "info", 6003, 99),
     "agent": _m("Node agent event", "info", "host", "info", 6003, 99),
     "evidence": _m("Evidence", "info", "network", "info", 4001, 99, "high"),
+    "anomaly": _m("Anomaly", "warning", "network", "info", 4001, 99, "high"),
     "audit": _m("Audit log event", "info", "configuration", "info", 0, 99),
 }
 _GENERIC = _m("wicket event", "info", "configuration", "info", 0, 99)
@@ -254,6 +262,8 @@ class Facts:
     end_reason: str | None
 
 
+# records whose subject is a passport's asset ID (a breach's subject may be a bare address, a summary's a node)
+_PASSPORT_TYPES = {"device.create", "device.update", "device.delete"}
 _APPROVING = {"session.approve", "session.reject", "session.extension_approve", "session.extension_reject"}
 
 
@@ -298,7 +308,7 @@ def facts(event: dict) -> Facts:
         actor=actor,
         target_user=str(target) if target else None,
         approvers=approvers,
-        device=event.get("device") or _str(pick("device", "device_id")) or (subject if etype.startswith("device.") else None),
+        device=event.get("device") or _str(pick("device", "device_id")) or (subject if etype in _PASSPORT_TYPES else None),
         device_ip=_ip(pick("device_address", "device_ip")) or _ip(access.get("address")),
         port=_int(pick("port", "dport", "device_port")) or _int(access.get("port")),
         transport=_lower(pick("transport", "proto")) or _lower(access.get("transport")),
