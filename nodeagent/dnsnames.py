@@ -1,7 +1,8 @@
 """The agent's resolver for FQDN destinations: which IPv4 addresses each watched name stands for now.
 
-The agent's loop thread owns one `NameWatcher`: `want()` the names the baseline and grants use, call
-`refresh()` when `due()` says so, enforce `addresses(fqdn)`, report `status()`.
+One thread owns one `NameWatcher` (the agent's resolver thread, `device_traffic.Names`): `want()` the
+names the baseline and grants use, call `refresh()` when `due()` says so, read `addresses(fqdn)` and
+`status()`.
 
 The rules, per name (times on the monotonic clock; `resolved_at` and `stale_until` are reported in UTC):
 
