@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 # The controller's tests run on SQLite and on this local PostgreSQL (loopback only).
 PG_TEST_URL := postgresql+psycopg://wicket_test:wicket_test@127.0.0.1:5432/postgres
 
-.PHONY: setup system venv pg demo test test-fast lint bench bench-lanes bench-policy bench-sessions bench-link bench-audit sweep clean
+.PHONY: setup system venv pg demo test test-fast lint bench bench-lanes bench-policy bench-sessions bench-link bench-audit bench-baselines sweep clean
 
 setup: system venv
 
@@ -58,7 +58,7 @@ lint: venv
 	$(VENV)/bin/ruff check nodeagent controller tests bench
 
 # Each benchmark writes its own section of docs/benchmarks.md (and its raw numbers to docs/bench/).
-bench: bench-lanes bench-policy bench-sessions bench-link bench-audit
+bench: bench-lanes bench-policy bench-sessions bench-link bench-audit bench-baselines
 
 bench-lanes: setup
 	$(PY) -m bench.lanes $(BENCH_ARGS)
@@ -81,6 +81,11 @@ bench-link: setup
 bench-audit: setup pg
 	WICKET_TEST_POSTGRES_URL=$(PG_TEST_URL) $(PY) -m bench.audit_append $(BENCH_AUDIT_ARGS)
 	$(PY) -m bench.audit_verify
+
+# Device baselines on one agent, in the lab: per-packet cost and change cost with 10 / 1 000 / 5 000 / 10 000
+# passported devices, and the start-up apply; a little over a minute.
+bench-baselines: setup
+	$(PY) -m bench.baselines $(BENCH_BASELINES_ARGS)
 
 sweep: venv
 	$(PY) -m tests.lab sweep

@@ -1,12 +1,14 @@
 """Device baselines in the kernel: each passported device may open its type's flows and nothing else.
 
 The kernel form keeps a packet's cost flat in the number of devices:
-  dev_profile   a verdict map, device address → `jump p_<hash>` (one chain per device type);
+  dev_type      a data map, device address → its type's id (a ct mark of class 0x59);
+  type_chain    a verdict map, type id → `jump p_<hash>` (one element per device type);
   p_<hash>      a profile chain: one rule per (flow, destination), `ip daddr @d_<hash> <proto> dport {…} accept`;
   d_<hash>      one address set per destination, fixed addresses or what its FQDN resolves to now;
   dev_addr      every passported device address (the `from_device` jump);
   dev_deny_nets the site's device networks when hosts without a passport are denied their own traffic.
-Adding a device is one map element and one set element; a changed DNS answer rewrites one set. Every change
+Adding a device is one map element and one set element (in a data map: the kernel re-validates every
+element of a verdict map at each commit); a changed DNS answer rewrites one set. Every change
 is one transaction, computed as the difference between the model now and the model last applied.
 """
 
@@ -25,6 +27,7 @@ from .wire import BaselineFlow, BaselineState
 log = logging.getLogger("wicket.agent.baseline")
 
 CHAIN_PREFIX, SET_PREFIX = "p_", "d_"
+TYPE_MARK = 0x59000000  # ct mark class of a device type's id (lanes 0x56/0x57, grants 0x58)
 
 
 def chain_name(profile: str) -> str:
@@ -47,6 +50,7 @@ class Model:
     chains: dict[str, tuple[Rule, ...] | None] = field(default_factory=dict)  # None: content unknown (rewrite)
     chain_labels: dict[str, str] = field(default_factory=dict)  # chain → profile name
     devices: dict[str, str] = field(default_factory=dict)  # address → chain
+    type_ids: dict[str, int] = field(default_factory=dict)  # chain → its type id (ct mark)
     deny_nets: tuple[str, ...] = ()
 
 
@@ -55,21 +59,38 @@ def build(state: BaselineState | None, resolve: Callable[[str], list[str]]) -> M
     m = Model()
     if state is None:
         return m
-    for d in state.destinations:
-        name = set_name(d.name)
-        addrs = [str(a) for a in d.addresses] if d.addresses else resolve(d.fqdn or "")
-        m.sets[name] = tuple(sorted(set(addrs)))
-        m.set_labels[name] = d.name
+    m.sets = _sets(state, resolve)
+    m.set_labels = {set_name(d.name): d.name for d in state.destinations}
     for p in state.profiles:
         chain = chain_name(p.name)
         m.chains[chain] = tuple(sorted(rule for f in p.flows for rule in _rules(f)))
         m.chain_labels[chain] = p.name
+    chains = {p.name: chain_name(p.name) for p in state.profiles}
+    m.type_ids = type_ids(list(chains.values()))
     for dev in state.devices:
         for a in dev.addresses:
-            m.devices[str(a)] = chain_name(dev.profile)
+            m.devices[str(a)] = chains[dev.profile]
     if state.unpassported == "deny":
         m.deny_nets = tuple(sorted(str(n) for n in state.device_networks))
     return m
+
+
+def type_ids(chains: list[str]) -> dict[str, int]:
+    """A 24-bit id per profile chain, from its name (stable while the profile exists), probing past clashes."""
+    out: dict[str, int] = {}
+    taken: set[int] = set()
+    for c in sorted(chains):
+        n = int(c[len(CHAIN_PREFIX):], 16) & 0xFFFFFF or 1
+        while n in taken:
+            n = n % 0xFFFFFF + 1
+        taken.add(n)
+        out[c] = TYPE_MARK | n
+    return out
+
+
+def _sets(state: BaselineState, resolve: Callable[[str], list[str]]) -> dict[str, tuple[str, ...]]:
+    return {set_name(d.name): tuple(sorted({str(a) for a in d.addresses} if d.addresses else set(resolve(d.fqdn or ""))))
+            for d in state.destinations}
 
 
 def _rules(f: BaselineFlow) -> list[Rule]:
@@ -83,23 +104,30 @@ class Baselines:
     def __init__(self, fw: Firewall):
         self.fw = fw
         self.applied = Model()
+        self._state: BaselineState | None = None  # the desired baseline `applied` was built from
 
     def load(self) -> list[str]:
         """Read what the table holds now (at start-up and after the table was replaced), so the next
         `apply` sweeps what nobody wants. Profile chains are rewritten on the next apply."""
         self.applied = read_model(self.fw)
+        self._state = None
         n = len(self.applied.devices)
         return [f"baseline: found {n} device address(es) in the table"] if n else []
 
     def apply(self, state: BaselineState | None, resolve: Callable[[str], list[str]]) -> list[str]:
         """Converge on `state`. Returns what changed (for the reconcile report); raises FirewallError
-        when the transaction fails, leaving the table as it was."""
-        want = build(state, resolve)
+        when the transaction fails, leaving the table as it was.
+
+        The same desired state again (every reconcile, every new DNS answer) only re-resolves its
+        destinations: the cost is the number of destinations, not of devices."""
+        if state is not None and state is self._state:
+            want = Model(**{**vars(self.applied), "sets": _sets(state, resolve)})
+        else:
+            want = build(state, resolve)
         objs, changes = diff(self.fw.table, self.applied, want)
-        if not objs:
-            return []
-        self.fw.run(objs)
-        self.applied = want
+        if objs:
+            self.fw.run(objs)
+        self.applied, self._state = want, state
         return changes
 
     def chain_of(self, address: str) -> str | None:
@@ -132,22 +160,31 @@ def diff(table: str, have: Model, want: Model) -> tuple[list[dict], list[str]]:
             objs += [{"add": {"rule": {**fam, "chain": c, "expr": _rule_expr(r)}}} for r in rules or ()]
             if have.chains.get(c) is not None or c not in have.chains:
                 changes.append(f"baseline: profile {want.chain_labels.get(c, c)} allows {_describe(rules or (), want)}")
+    retyped = [c for c in have.type_ids if have.type_ids[c] != want.type_ids.get(c)]
+    if retyped:
+        objs.append({"delete": {"element": {**fam, "name": "type_chain", "elem": [have.type_ids[c] for c in retyped]}}})
+    typed = [c for c in want.type_ids if have.type_ids.get(c) != want.type_ids[c]]
+    if typed:
+        objs.append({"add": {"element": {**fam, "name": "type_chain",
+                                          "elem": [[want.type_ids[c], {"jump": {"target": c}}] for c in typed]}}})
 
-    gone = [a for a in have.devices if a not in want.devices]
-    moved = [a for a, c in want.devices.items() if a in have.devices and have.devices[a] != c]
-    new = [a for a in want.devices if a not in have.devices]
-    if gone or moved:
-        objs.append({"delete": {"element": {**fam, "name": "dev_profile", "elem": gone + moved}}})
-    if gone:
-        objs.append({"delete": {"element": {**fam, "name": "dev_addr", "elem": gone}}})
-    if new or moved:
-        objs.append({"add": {"element": {**fam, "name": "dev_profile",
-                                          "elem": [[a, {"jump": {"target": want.devices[a]}}] for a in new + moved]}}})
-    if new:
-        objs.append({"add": {"element": {**fam, "name": "dev_addr", "elem": new}}})
-    if gone or moved or new:
-        changes.append(f"baseline: {len(want.devices)} device address(es) enforced "
-                       f"(+{len(new)} −{len(gone)} ~{len(moved)})")
+    if want.devices is not have.devices:  # the same desired state again shares its device map: nothing to walk
+        gone = [a for a in have.devices if a not in want.devices]
+        moved = [a for a, c in want.devices.items() if a in have.devices and
+                 have.type_ids.get(have.devices[a]) != want.type_ids.get(c)]
+        new = [a for a in want.devices if a not in have.devices]
+        if gone or moved:
+            objs.append({"delete": {"element": {**fam, "name": "dev_type", "elem": gone + moved}}})
+        if gone:
+            objs.append({"delete": {"element": {**fam, "name": "dev_addr", "elem": gone}}})
+        if new or moved:
+            objs.append({"add": {"element": {**fam, "name": "dev_type",
+                                              "elem": [[a, want.type_ids[want.devices[a]]] for a in new + moved]}}})
+        if new:
+            objs.append({"add": {"element": {**fam, "name": "dev_addr", "elem": new}}})
+        if gone or moved or new:
+            changes.append(f"baseline: {len(want.devices)} device address(es) enforced "
+                           f"(+{len(new)} −{len(gone)} ~{len(moved)})")
 
     if have.deny_nets != want.deny_nets:
         objs.append({"flush": {"set": {**fam, "name": "dev_deny_nets"}}})
@@ -170,6 +207,7 @@ def diff(table: str, have: Model, want: Model) -> tuple[list[dict], list[str]]:
 def read_model(fw: Firewall) -> Model:
     """The baseline objects in the table now (chain contents are not parsed: they are rewritten)."""
     m = Model()
+    marks: dict[str, int] = {}
     rc, out, err = fw.list_table()
     if rc != 0:
         if "No such file" in err:
@@ -184,11 +222,14 @@ def read_model(fw: Firewall) -> Model:
         name, elems = s["name"], s.get("elem", [])
         if name.startswith(SET_PREFIX):
             m.sets[name] = tuple(sorted(e for e in elems if isinstance(e, str)))
-        elif name == "dev_profile":
-            for key, verdict in elems:
-                m.devices[key] = verdict.get("jump", {}).get("target", "")
+        elif name == "dev_type":
+            marks = {key: int(mark) for key, mark in elems}
+        elif name == "type_chain":
+            m.type_ids = {verdict.get("jump", {}).get("target", ""): int(mark) for mark, verdict in elems}
         elif name == "dev_deny_nets":
             m.deny_nets = tuple(sorted(_net_text(e) for e in elems))
+    chain_of = {mark: c for c, mark in m.type_ids.items()}
+    m.devices = {a: chain_of.get(mark, "") for a, mark in marks.items()}
     return m
 
 
@@ -223,4 +264,4 @@ def _net_text(e) -> str:
     return f"{e}/32"
 
 
-__all__ = ["Baselines", "Model", "build", "chain_name", "diff", "read_model", "set_name"]
+__all__ = ["TYPE_MARK", "Baselines", "Model", "build", "chain_name", "diff", "read_model", "set_name", "type_ids"]

@@ -89,7 +89,7 @@ class Grants:
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.records: dict[str, GrantRecord] = {}
         self.listener = None
-        self._closing: set[int] = set()
+        self._closing: dict[int, GrantRecord] = {}  # mark → a grant being closed (its DESTROY events still count)
         self.kernel: dict[Key, tuple[int, float | None]] = {}  # grant elements as last written: key → (mark, deadline)
 
     # ---- start-up ----
@@ -222,10 +222,10 @@ class Grants:
             return
         for rec, _ in ending:
             self.records.pop(rec.session_id, None)
+            self._closing[rec.mark] = rec
         self._sync(errors)  # first the flows go, then the connections: none can come back in between
         cut = {}
         for rec, _ in ending:
-            self._closing.add(rec.mark)
             cut[rec.session_id] = self._flush(rec.mark, errors)
         if self.listener is not None:
             self.listener.wait_idle(0.5)
@@ -240,7 +240,7 @@ class Grants:
             self.state.drop_flows(rec.name)
             (self.dir / f"{rec.session_id}.json").unlink(missing_ok=True)
             self.records.pop(rec.session_id, None)
-            self._closing.discard(rec.mark)
+            self._closing.pop(rec.mark, None)
             if self.on_ended:
                 self.on_ended(rec.session_id, reason, rec.end_time, rec.grant.revision)
             late = ""
@@ -287,16 +287,16 @@ class Grants:
         return min((r.deadline for r in self.records.values()), default=None)
 
     def has_mark(self, mark: int) -> bool:
-        return any(r.mark == mark for r in self.records.values())
+        return mark in self._closing or any(r.mark == mark for r in list(self.records.values()))
 
     def on_flow_ended(self, flow) -> None:
         """Conntrack DESTROY of one of our grants' connections (event thread)."""
-        for rec in list(self.records.values()):
-            if rec.mark == flow.mark:
-                record = flow_to_dict(flow)
-                record["cut"] = flow.mark in self._closing
-                self.state.append_flow(rec.name, record)
-                return
+        closing = self._closing.get(flow.mark)
+        rec = closing or next((r for r in list(self.records.values()) if r.mark == flow.mark), None)
+        if rec is not None:
+            record = flow_to_dict(flow)
+            record["cut"] = closing is not None
+            self.state.append_flow(rec.name, record)
 
     def note_blocked(self, rows) -> None:
         """Refused attempts the breach reporter read: those of a device under a grant go into its evidence."""

@@ -80,8 +80,9 @@ def test_first_apply_creates_objects_before_they_are_referenced():
     seq = ops(objs)
     first_rule = next(i for i, op in enumerate(seq) if op[1] == "rule")
     assert all(seq.index(("add", "set", s)) < first_rule for s in (set_name("scada-a"), set_name("mdm")))
-    jump = seq.index(("add", "element", "dev_profile"))
+    jump = seq.index(("add", "element", "type_chain"))
     assert all(seq.index(("add", "chain", chain_name(p))) < jump for p in ("substation-rtu", "meter-concentrator", "silent"))
+    assert seq.index(("add", "element", "dev_type")) > jump
     assert any("3 device address(es) enforced" in c for c in changes)
 
 
@@ -94,7 +95,7 @@ def test_one_more_device_is_two_elements_whatever_the_number_of_devices():
     for n in (3, 2000):
         have = build(state(n), resolve)
         objs, _ = diff("wicket", have, build(state(n + 1), resolve))
-        assert ops(objs) == [("add", "element", "dev_profile"), ("add", "element", "dev_addr")]
+        assert ops(objs) == [("add", "element", "dev_type"), ("add", "element", "dev_addr")]
         assert [len(o["add"]["element"]["elem"]) for o in objs] == [1, 1]
 
 
@@ -113,7 +114,8 @@ def test_removed_profile_and_destination_go_after_their_last_reference():
                                             "profiles": [state().profiles[0].model_dump()], "devices": [
                                                 {"asset_id": "D-0", "addresses": ["192.0.2.10"], "profile": "substation-rtu"}]})
     seq = ops(diff("wicket", have, build(smaller, resolve))[0])
-    unmap = seq.index(("delete", "element", "dev_profile"))
+    unmap = seq.index(("delete", "element", "dev_type"))
+    assert seq.index(("delete", "chain", chain_name("meter-concentrator"))) > seq.index(("delete", "element", "type_chain"))
     assert seq.index(("delete", "chain", chain_name("meter-concentrator"))) > unmap
     assert seq.index(("delete", "set", set_name("mdm"))) > seq.index(("delete", "chain", chain_name("meter-concentrator")))
 
@@ -125,8 +127,9 @@ def test_a_device_moving_to_another_type_is_remapped():
         {"asset_id": "D-1", "addresses": ["192.0.2.11"], "profile": "meter-concentrator"},
         {"asset_id": "D-2", "addresses": ["192.0.2.12"], "profile": "substation-rtu"}]})
     objs, _ = diff("wicket", have, build(moved, resolve))
-    assert ops(objs) == [("delete", "element", "dev_profile"), ("add", "element", "dev_profile")]
-    assert objs[1]["add"]["element"]["elem"] == [["192.0.2.10", {"jump": {"target": chain_name("meter-concentrator")}}]]
+    assert ops(objs) == [("delete", "element", "dev_type"), ("add", "element", "dev_type")]
+    m = build(moved, resolve)
+    assert objs[1]["add"]["element"]["elem"] == [["192.0.2.10", m.type_ids[chain_name("meter-concentrator")]]]
 
 
 def test_grant_keys_cover_every_resolved_address_transport_and_port():
@@ -149,6 +152,30 @@ def test_wire_refuses_inconsistent_baselines():
         BaselineState.model_validate({**base, "unpassported": "deny", "device_networks": []})
     with pytest.raises(ValueError, match="fully qualified"):
         BaselineState.model_validate({**base, "destinations": [{"name": "x", "fqdn": "mdm; drop table"}]})
+
+
+class RecordingFirewall:
+    table = "wicket"
+
+    def __init__(self):
+        self.runs: list[list[dict]] = []
+
+    def run(self, objs):
+        self.runs.append(objs)
+
+
+def test_the_same_desired_state_again_only_re_resolves_its_destinations(monkeypatch):
+    import nodeagent.baseline as baseline_module
+
+    fw = RecordingFirewall()
+    b = Baselines(fw)
+    desired = state(300)
+    b.apply(desired, resolve)
+    monkeypatch.setattr(baseline_module, "build", lambda *_a: pytest.fail("the device list was walked again"))
+    assert b.apply(desired, resolve) == [] and len(fw.runs) == 1
+    assert b.apply(desired, lambda _f: ["198.51.100.77"]) == ["baseline: destination mdm = 198.51.100.77"]
+    assert ops(fw.runs[-1]) == [("flush", "set", set_name("mdm")), ("add", "element", set_name("mdm"))]
+    assert b.applied.devices == build(state(300), resolve).devices
 
 
 # ---- against the real kernel ----
@@ -180,7 +207,7 @@ def test_kernel_apply_read_back_and_sweep(inside):
     back = read_model(fw)
     want = build(state(40, deny=True), resolve)
     assert back.devices == want.devices and back.sets == want.sets and back.deny_nets == want.deny_nets
-    assert set(back.chains) == set(want.chains)
+    assert set(back.chains) == set(want.chains) and back.type_ids == want.type_ids
     # a restarted agent reads the table and converges on a smaller state: what nobody wants is swept
     b2 = Baselines(fw)
     b2.load()
@@ -201,7 +228,7 @@ def test_kernel_failed_change_leaves_the_table_as_it_was(inside):
     b.apply(state(4), resolve)
     before = fw.list_table()[1]
     bad = build(state(5), resolve)
-    bad.devices["192.0.2.99"] = "p_doesnotexist"  # a jump to a missing chain: the kernel refuses the whole batch
+    bad.type_ids["p_doesnotexist"] = 0x59000001  # a jump to a missing chain: the kernel refuses the whole batch
     objs, _ = diff("wicket", b.applied, bad)
     with pytest.raises(FirewallError):
         fw.run(objs)

@@ -182,8 +182,22 @@ def test_template_declares_every_set_the_compiler_uses(sets):
         assert re.search(r"^\s*counter\s*$", sets[name]["body"], re.MULTILINE), f"{name} must count"
 
 
-def test_only_tunnel_nets_is_an_interval_set(sets):
-    assert {n for n, s in sets.items() if "interval" in s["flags"]} == {"tunnel_nets"}
+def test_only_site_wide_networks_are_interval_sets(sets):
+    # interval sets cost O(n) to change: only the site's own networks, set once, may be one
+    assert {n for n, s in sets.items() if "interval" in s["flags"]} == {"tunnel_nets", "dev_deny_nets"}
+
+
+def test_no_device_or_grant_element_goes_into_an_interval_set(fw, sets):
+    from nodeagent.baseline import Model, build, diff
+    from tests.test_baseline_rules import resolve, state
+
+    interval = {n for n, s in sets.items() if "interval" in s["flags"]}
+    objs, _ = diff("wicket", Model(), build(state(50), resolve))
+    used = {next(iter(o["add"].values()))["name"] for o in objs if "add" in o and "element" in o["add"]}
+    assert {"dev_type", "dev_addr", "type_chain"} <= used
+    assert not (used - {"dev_deny_nets"}) & interval
+    grant = fw.grant_elements([("192.0.2.11", "198.51.100.10", "tcp", 4059)], 0x58000001, 60)
+    assert grant["name"] in sets and grant["name"] not in interval
 
 
 def test_no_element_goes_into_an_interval_set(fw, sets):
