@@ -181,7 +181,7 @@ class DeviceTraffic:
             names=status, name_changes=names[:256])
         self.state.spool_report(report)
         if keys:
-            self.fw.delete_tolerant(keys)
+            self.fw.clear_device_blocked(keys)
         self._window_start, self._pending_names = end, []
         if breaches:
             log.warning("device breaches %s..%s: %d attempt(s) outside baselines from %d host(s)",

@@ -168,6 +168,15 @@ class Firewall:
         if objs:
             self._run(objs)
 
+    def delete_all(self, elements: list[dict]) -> list[str]:
+        """Delete elements in one transaction; element by element (ignoring those already gone) only if that
+        fails. Refused attempts after a scan number tens of thousands: one by one, that takes minutes."""
+        try:
+            self.commit(delete=elements)
+            return []
+        except FirewallError:
+            return self.delete_tolerant(elements)
+
     def delete_tolerant(self, elements: list[dict]) -> list[str]:
         """Delete elements one by one, ignoring those already gone (expired in the kernel). Returns errors."""
         errors = []
@@ -274,6 +283,14 @@ class Firewall:
             rows.append((src, dst, proto_name, port if proto in (6, 17) else None, c.packets))
             keys.append({"concat": [src, dst, proto_name if proto in PROTO_NUM.values() else proto, port]})
         return rows, ([self._elem("dev_blocked", keys)] if keys else [])
+
+    def clear_device_blocked(self, keys: list[dict]) -> None:
+        """Forget refused attempts once reported: one transaction (a scan leaves tens of thousands), and a
+        flush of the set should that fail."""
+        try:
+            self.commit(delete=keys)
+        except FirewallError:  # an element went meanwhile (an agent in another process?): start afresh
+            self._run([{"flush": {"set": {"family": "inet", "table": self.table, "name": "dev_blocked"}}}])
 
     # ---- helpers ----
 

@@ -303,11 +303,14 @@ class Grants:
         by_device: dict[str, list[GrantRecord]] = {}
         for rec in self.records.values():
             by_device.setdefault(rec.spec["device_address"], []).append(rec)
+        touched: dict[str, GrantRecord] = {}
         for src, dst, proto, port, packets in rows:
             for rec in by_device.get(src, ()):
                 k = f"{dst}|{proto}|{port if port is not None else '-'}"
                 rec.blocked[k] = rec.blocked.get(k, 0) + packets
-                self._save(rec)
+                touched[rec.session_id] = rec
+        for rec in touched.values():
+            self._save(rec)
 
     def observed(self) -> list[ObservedLane]:
         now = self.clock.mono()

@@ -399,7 +399,7 @@ class LaneManager:
                 late = f", {evidence.lateness_ms} ms after its end"
             changes.append(f"closed lane {sid} ({lane.name}): {reason.value}{late}")
         if blocked_keys:
-            for err in self.fw.delete_tolerant(blocked_keys):
+            for err in self.fw.delete_all(blocked_keys):
                 errors.append(f"clearing refused attempts: {err}")
 
     def _harvest_connections(self, lane: Lane, errors: list[str]) -> Harvest:

@@ -186,6 +186,12 @@ class FakeFirewall(Firewall):
         self.expire()
         return {tuple(json.loads(k)): self.values[("grant_flow", k)] for k in self.sets.get("grant_flow", {})}
 
+    def delete_all(self, elements):
+        return self.delete_tolerant(elements)
+
+    def clear_device_blocked(self, keys):
+        pass
+
     def device_blocked(self):
         rows, self.device_rows = self.device_rows, []
         return rows, []

@@ -247,3 +247,22 @@ def test_kernel_grant_elements_time_out_by_themselves(inside):
     assert fw.grant_marks() == {key: GRANT_MARK | 7}
     time.sleep(2.6)  # timeout = ceil(0.2 + grace 1.0) = 2 s
     assert fw.grant_marks() == {}, "the kernel ended the grant without the agent"
+
+
+@pytest.mark.kernel
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
+def test_kernel_a_scans_worth_of_breaches_is_read_and_cleared_in_one_transaction(inside):
+    # A device scanning every port fills dev_blocked; clearing it element by element once took the agent's loop
+    # minutes (lanes would have ended late meanwhile).
+    fw = Firewall(Naming("tst"), table="wicket")
+    fw.ensure()
+    elems = [{"concat": ["192.0.2.11", "198.51.100.10", "tcp", port]} for port in range(1, 20001)]
+    fw.run([{"add": {"element": {"family": "inet", "table": "wicket", "name": "dev_blocked", "elem": elems}}}])
+    rows, keys = fw.device_blocked()
+    assert len(rows) == 20000 and rows[0][:3] == ("192.0.2.11", "198.51.100.10", "tcp")
+    calls = []
+    real = fw.nft.json_cmd
+    fw.nft.json_cmd = lambda obj: calls.append(obj) or real(obj)
+    fw.clear_device_blocked(keys)
+    assert len(calls) == 1, "one transaction"
+    assert fw.device_blocked()[0] == []
