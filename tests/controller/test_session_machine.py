@@ -73,8 +73,9 @@ from controller.policy.durations import parse_duration
 from .conftest import Harness, Person
 
 API = "/api/v1"
-# Examples per database, for about 70 s each on two cores: a PostgreSQL step costs about twice a SQLite one.
-EXAMPLES = {"sqlite": 24, "postgresql": 10}
+# Examples per database, for about 50 s each on two cores: a PostgreSQL step costs about twice a SQLite one.
+# More for a deeper search: WICKET_MACHINE_EXAMPLES=200 (docs/testing.md).
+EXAMPLES = {"sqlite": 18, "postgresql": 7}
 STEPS = 30
 
 
