@@ -16,6 +16,8 @@ from .identifiers import ASSET_ID, SITE_NAME
 from .inventory import MANAGE_ROLES, Inventory
 from .inventory_schemas import (
     AgentCreate,
+    BindOut,
+    DeviceBind,
     DeviceCreate,
     DevicePage,
     DevicePublic,
@@ -171,6 +173,21 @@ def delete_device(asset_id: AssetId, caller: CurrentPrincipal, auth: AuthDep, in
     auth.step_up(caller, totp_code, "deleting a device", source)
     inv.delete_device(caller, asset_id, source)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.post("/devices/{asset_id}/bind", response_model=BindOut, tags=["devices"],
+             summary="Bind a device's identifiers at installation and activate its passport (site_admin or admin, step-up)")
+def bind_device(asset_id: AssetId, body: DeviceBind, caller: CurrentPrincipal, auth: AuthDep, inv: InventoryDep,
+                request: Request, source: Source, totp_code: TotpHeader = None) -> BindOut:
+    """The passport turns active (its baseline is enforced from the site's next generation), and the device
+    type's commissioning grant, if it names one, is requested for the caller in the same call."""
+    device = inv.get_device(caller, asset_id)
+    if not caller.can(device.site, *MANAGE_ROLES):
+        raise Forbidden(f"binding devices at site {device.site} needs site_admin there (or admin)")
+    auth.step_up(caller, totp_code, "binding a device", source)
+    bound, rebound = inv.bind(caller, asset_id, body, source)
+    commissioning = request.app.state.grants.commission(caller, asset_id, bound.site, bound.device_type, body.reason, source)
+    return BindOut(device=bound, rebound=rebound, commissioning=commissioning)
 
 
 @router.get("/devices/{asset_id}/passport", response_model=SignedPassport, tags=["devices"],

@@ -58,6 +58,7 @@ def request_session(body: SessionRequestIn, caller: CurrentPrincipal, auth: Auth
     """Decided at once. `state` says what happened: `denied` (the decision's trace says which check failed),
     `pending_approval`, `approved`, or `active` when no approval is needed and the lane opened."""
     sessions.guard_device(caller, body.device)
+    sessions.not_a_grant(body.task)
     auth.step_up(caller, totp_code, "requesting access", source)
     opened = sessions.request(caller, asset_id=body.device, task=body.task, reason=body.reason, public_key=body.public_key,
                               duration=parse_duration(body.duration) if body.duration else None, source=source,
@@ -70,6 +71,7 @@ def request_session(body: SessionRequestIn, caller: CurrentPrincipal, auth: Auth
 def break_glass(body: BreakGlassIn, caller: CurrentPrincipal, auth: AuthDep, sessions: SessionsDep, source: Source,
                 totp_code: TotpHeader = None) -> SessionOut:
     sessions.guard_device(caller, body.device)
+    sessions.not_a_grant(body.task)
     auth.step_up(caller, totp_code, "break-glass access", source)
     row = sessions.break_glass(caller, asset_id=body.device, task=body.task, reason=body.reason, incident=body.incident,
                                public_key=body.public_key, source=source,
@@ -84,9 +86,10 @@ def list_sessions(caller: CurrentPrincipal, queries: QueriesDep,
                   site: Annotated[str | None, Query(pattern=SITE_NAME.pattern)] = None,
                   device: Annotated[str | None, Query(pattern=ASSET_ID.pattern)] = None,
                   unreviewed: bool = Query(False, description="only break-glass sessions that still owe their review"),
+                  kind: Literal["lane", "grant"] | None = Query(None, description="lanes or grants only; both if left out"),
                   limit: int = Query(200, ge=1, le=1000)) -> list[SessionOut]:
     return queries.list(caller, mine=scope == "mine", states=list(state or []), site=site, device=device,
-                        unreviewed=unreviewed, limit=limit)
+                        unreviewed=unreviewed, limit=limit, kind=kind)
 
 
 @router.get("/sessions/{sid}", response_model=SessionOut, summary="One session")

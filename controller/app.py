@@ -18,6 +18,7 @@ from .agent_link import LinkServer
 from .api import router
 from .api_agents import router as agents_router
 from .api_audit import router as audit_router
+from .api_grants import router as grants_router
 from .api_inventory import router as inventory_router
 from .api_policy import router as policy_router
 from .api_sessions import router as sessions_router
@@ -29,6 +30,7 @@ from .auth import Auth
 from .db import make_engine, session_factory
 from .decisions import Decisions
 from .enrolment import Agents
+from .grants import Grants
 from .inventory import Inventory
 from .nodelink import LocalSocketLink, NoLink
 from .policy_store import PolicyStore
@@ -104,8 +106,10 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time, en
         else:
             link = NoLink()
     pusher = Pusher(factory, link, auth.now)
+    app.state.policies.on_nodes_changed = app.state.inventory.on_nodes_changed = pusher.push_quietly
     app.state.recordings = RecordingStore(factory, settings.data_dir / "recordings")
     app.state.sessions = Sessions(auth, app.state.policies, app.state.decisions, pusher, settings)
+    app.state.grants = Grants(app.state.sessions)
     if isinstance(link, LinkServer):
         app.state.link_server = link
         link.on_applied = app.state.sessions.acknowledge
@@ -122,6 +126,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time, en
     app.include_router(inventory_router)
     app.include_router(policy_router)
     app.include_router(sessions_router)
+    app.include_router(grants_router)
     app.include_router(agents_router)
     app.include_router(audit_router)
 

@@ -13,9 +13,10 @@ controller's HTTP API v1 and keeps its state in $WICKET_CONFIG_DIR (default ~/.c
   wicket policy check|diff|apply|show|history|explain …   (check works offline)
   wicket tasks list|show · wicket protocols · wicket device-types
   wicket sites list|show|add|update|delete|agent-add|agent-remove …
-  wicket devices list|show|add|update|delete|import|export|passport …
+  wicket devices list|show|add|update|delete|import|export|passport|bind …
   wicket request|activate|config|extend|close|status [--watch]|sessions …   (sessions)
   wicket approvals|approve|reject|revoke|review|access · wicket break-glass …
+  wicket grant open|list|show|approve|reject|activate|close|revoke …   (grants: devices' temporary flows)
 
 The controller URL comes from --controller, else $WICKET_CONTROLLER, else config.toml. Changes
 (accounts, your password and recovery codes, policy, sites, devices) need a fresh TOTP code (step-up):
@@ -38,7 +39,7 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from . import cli_agents, cli_audit, cli_inventory, cli_policy, cli_sessions
+from . import cli_agents, cli_audit, cli_grants, cli_inventory, cli_policy, cli_sessions
 from .cli_common import (
     EXIT_REFUSED,
     EXIT_USAGE,
@@ -342,6 +343,7 @@ def events(ctx: typer.Context,
 cli_policy.register(app)
 cli_inventory.register(app)
 cli_sessions.register(app)
+cli_grants.register(app)
 cli_agents.register(app)
 cli_audit.register(app)
 

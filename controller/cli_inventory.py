@@ -5,8 +5,8 @@ admin) and a fresh TOTP code.
 \b
   wicket sites list|show NAME [--json]
   wicket sites add NAME --display-name TEXT --time-zone TZ --tunnel-pool CIDR --ports MIN-MAX --endpoint HOST
-                        [--lan-network CIDR]... [--window NAME]...
-  wicket sites update NAME [the same options] [--clear lan-networks|windows]
+                        [--lan-network CIDR]... [--window NAME]... [--unpassported router|deny] [--device-network CIDR]...
+  wicket sites update NAME [the same options] [--clear lan-networks|windows|device-networks]
   wicket sites delete NAME [--yes] | agent-add SITE NAME [--description TEXT] | agent-remove SITE NAME
   wicket devices list [--site NAME] [--type TYPE] [--lifecycle STATE] [--prefix TEXT] [--json]
   wicket devices show ASSET [--json] | delete ASSET [--yes]
@@ -15,6 +15,8 @@ admin) and a fresh TOTP code.
   wicket devices update ASSET [the same options; only those given change] [--clear FIELD]...
   wicket devices import FILE [--update] [--dry-run] | export [--site NAME] [-o FILE]
   wicket devices passport ASSET [--verify]
+  wicket devices bind ASSET --iccid ICCID [--imsi IMSI]... [--eid EID] [--mac MAC] [--address ADDR]... [--rebind]
+  (`wicket device …` is the same group)
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from pydantic import ValidationError
 
 from nodeagent.wire import SignedPassport
 
+from . import cli_grants
 from .cli_common import (
     EXIT_USAGE,
     CliError,
@@ -50,7 +53,9 @@ from .cli_common import (
 
 PAGE = 1000
 LIFECYCLES = ("provisioned", "active", "quarantined", "decommissioned")
-SITE_CLEARABLE = {"lan-networks": ("lan_networks", []), "windows": ("change_windows", [])}
+SITE_CLEARABLE = {"lan-networks": ("lan_networks", []), "windows": ("change_windows", []),
+                  "device-networks": ("device_networks", [])}
+UNPASSPORTED = ("router", "deny")
 DEVICE_CLEARABLE = {"mac": ("mac", None), "iccid": ("iccid", None), "eid": ("eid", None), "imsis": ("imsis", []),
                     "firmware": ("firmware", None), "last-seen": ("last_seen", None), "ports": ("ports", {}),
                     "description": ("description", "")}
@@ -64,6 +69,7 @@ devices_app = typer.Typer(help="Device passports (changes: site_admin of the dev
 def register(app: typer.Typer) -> None:
     app.add_typer(sites_app, name="sites")
     app.add_typer(devices_app, name="devices")
+    app.add_typer(devices_app, name="device", hidden=True)  # `wicket device bind …` reads naturally too
 
 
 SiteArg = Annotated[str, typer.Argument(metavar="NAME", help="the site's name")]
@@ -75,6 +81,11 @@ PortsOpt = Annotated[str | None, typer.Option("--ports", metavar="MIN-MAX", help
 EndpointOpt = Annotated[str | None, typer.Option("--endpoint", metavar="HOST", help="host or address engineers' clients dial")]
 LanOpt = Annotated[list[str] | None, typer.Option("--lan-network", metavar="CIDR", help="repeatable; device addresses must lie inside")]
 WindowOpt = Annotated[list[str] | None, typer.Option("--window", metavar="NAME", help="repeatable; a change window of the policy")]
+UnpassportedOpt = Annotated[str | None, typer.Option("--unpassported", metavar="router|deny",
+                                                     help="hosts in the device networks without an active passport: "
+                                                          "left to the router's firewall (router), or dropped (deny)")]
+DeviceNetOpt = Annotated[list[str] | None, typer.Option("--device-network", metavar="CIDR",
+                                                        help="repeatable; where the site's devices live (needed for deny)")]
 TypeOpt = Annotated[str | None, typer.Option("--type", metavar="TYPE", help="a device type of the policy")]
 SiteOpt = Annotated[str | None, typer.Option("--site", metavar="NAME")]
 AddressOpt = Annotated[list[str] | None, typer.Option("--address", metavar="ADDR", help="repeatable: the device's addresses")]
@@ -117,20 +128,23 @@ def sites_show(ctx: typer.Context, name: SiteArg, as_json: JsonOpt = False) -> N
     pairs([("site", s["name"]), ("display name", s["display_name"]), ("time zone", s["time_zone"]),
            ("tunnel pool", s["tunnel_pool"]), ("ports", f"{s['port_min']}-{s['port_max']}"),
            ("endpoint", s["public_endpoint"]), ("lan networks", listed(s["lan_networks"])),
-           ("change windows", listed(s["change_windows"])), ("agents", listed(agents)), ("devices", s["devices"]),
+           ("change windows", listed(s["change_windows"])), ("unpassported", s["unpassported"]),
+           ("device networks", listed(s["device_networks"])), ("agents", listed(agents)), ("devices", s["devices"]),
            ("revision", s["revision"]), ("updated", when(s["updated_at"]))])
 
 
 @sites_app.command("add")
 def sites_add(ctx: typer.Context, name: SiteArg, display_name: DisplayNameOpt = None, time_zone: TimeZoneOpt = None,
               tunnel_pool: PoolOpt = None, ports: PortsOpt = None, endpoint: EndpointOpt = None,
-              lan_network: LanOpt = None, window: WindowOpt = None, totp: TotpOpt = None) -> None:
+              lan_network: LanOpt = None, window: WindowOpt = None, unpassported: UnpassportedOpt = None,
+              device_network: DeviceNetOpt = None, totp: TotpOpt = None) -> None:
     """Create a site (admin)."""
     missing = [flag for flag, value in (("--display-name", display_name), ("--time-zone", time_zone),
                                         ("--tunnel-pool", tunnel_pool), ("--ports", ports), ("--endpoint", endpoint)) if not value]
     if missing:
         raise CliError(f"a new site needs {', '.join(missing)}", exit_code=EXIT_USAGE)
-    body = {"name": name, **_site_body(display_name, time_zone, tunnel_pool, ports, endpoint, lan_network, window)}
+    body = {"name": name, **_site_body(display_name, time_zone, tunnel_pool, ports, endpoint, lan_network, window,
+                                       unpassported, device_network)}
     api = connect(ctx)
     s = api.call("POST", "/api/v1/sites", body=body, totp=step_up(totp))
     typer.echo(f"Created site {s['name']} ({s['display_name']}); next: `wicket sites agent-add {s['name']} NAME`.")
@@ -139,11 +153,12 @@ def sites_add(ctx: typer.Context, name: SiteArg, display_name: DisplayNameOpt = 
 @sites_app.command("update")
 def sites_update(ctx: typer.Context, name: SiteArg, display_name: DisplayNameOpt = None, time_zone: TimeZoneOpt = None,
                  tunnel_pool: PoolOpt = None, ports: PortsOpt = None, endpoint: EndpointOpt = None,
-                 lan_network: LanOpt = None, window: WindowOpt = None,
+                 lan_network: LanOpt = None, window: WindowOpt = None, unpassported: UnpassportedOpt = None,
+                 device_network: DeviceNetOpt = None,
                  clear: Annotated[list[str] | None, typer.Option("--clear", metavar="FIELD", help=" | ".join(SITE_CLEARABLE))] = None,
                  totp: TotpOpt = None) -> None:
     """Change a site: only the options given change; a list given replaces the old one."""
-    body = _site_body(display_name, time_zone, tunnel_pool, ports, endpoint, lan_network, window)
+    body = _site_body(display_name, time_zone, tunnel_pool, ports, endpoint, lan_network, window, unpassported, device_network)
     s = _patch(ctx, f"/api/v1/sites/{segment(name)}", body, clear, SITE_CLEARABLE, totp)
     typer.echo(f"Updated site {s['name']} (revision {s['revision']}).")
 
@@ -301,6 +316,45 @@ def devices_passport(ctx: typer.Context, asset: AssetArg,
     print_json(signed)
 
 
+@devices_app.command("bind")
+def devices_bind(ctx: typer.Context, asset: Annotated[str | None, typer.Argument(metavar="ASSET", help="the device's asset ID")] = None,
+                 asset_opt: Annotated[str | None, typer.Option("--asset", metavar="ASSET", help="the same, as an option")] = None,
+                 iccid: IccidOpt = None, imsi: ImsiOpt = None, eid: EidOpt = None, mac: MacOpt = None,
+                 address: AddressOpt = None,
+                 rebind: Annotated[bool, typer.Option("--rebind", help="replace identifiers the device is bound to already")] = False,
+                 reason: Annotated[str | None, typer.Option("--reason", metavar="TEXT", help="work order; also the commissioning grant's reason")] = None,
+                 totp: TotpOpt = None, as_json: JsonOpt = False) -> None:
+    """Bind the identifiers read off a device at installation: its passport turns active (the site's agent
+    enforces its baseline), and its type's commissioning grant is asked for you. Needs a fresh TOTP code."""
+    if bool(asset) == bool(asset_opt):
+        raise CliError("name the device once: ASSET, or --asset ASSET", exit_code=EXIT_USAGE)
+    if not (iccid or eid or mac):
+        raise CliError("give the identifiers read off the device: --iccid, --eid or --mac at least", exit_code=EXIT_USAGE)
+    body = {k: v for k, v in (("iccid", iccid), ("imsis", imsi or None), ("eid", eid), ("mac", mac),
+                              ("addresses", address or None), ("reason", reason)) if v}
+    if rebind:
+        body["rebind"] = True
+    asset_id = asset or asset_opt
+    out = connect(ctx).call("POST", f"/api/v1/devices/{segment(asset_id)}/bind", body=body, totp=step_up(totp))
+    if as_json:
+        print_json(out)
+        return
+    d = out["device"]
+    ids = listed([f"{k} {', '.join(v) if isinstance(v, list) else v}" for k, v in
+                  (("iccid", d["iccid"]), ("eid", d["eid"]), ("imsi", d["imsis"]), ("mac", d["mac"])) if v])
+    typer.echo(f"{'Rebound' if out['rebound'] else 'Bound'} {d['asset_id']} ({ids}): its passport is {d['lifecycle']} "
+               f"(revision {d['revision']}); the agents at {d['site']} enforce its baseline from their next generation.")
+    c = out["commissioning"]
+    if c is None:
+        return
+    if c["grant"] is None:
+        raise CliError(f"the commissioning grant ({c['task']}) was refused: {c['refused']}")
+    cli_grants.say_grant(c["grant"])
+    if c["activation_error"]:
+        raise CliError(f"the commissioning grant did not open: {c['activation_error']}",
+                       hint=f"wicket grant activate {c['grant']['id']}")
+
+
 def verify_passport(signed: Any, public_key: str, asset: str | None = None) -> None:
     """Raise CliError unless `signed` is a passport (for `asset`, when given) signed by `public_key`."""
     try:
@@ -316,9 +370,13 @@ def verify_passport(signed: Any, public_key: str, asset: str | None = None) -> N
 # ---- helpers ----
 
 
-def _site_body(display_name, time_zone, tunnel_pool, ports, endpoint, lan_network, window) -> dict:
+def _site_body(display_name, time_zone, tunnel_pool, ports, endpoint, lan_network, window, unpassported=None,
+               device_network=None) -> dict:
+    if unpassported and unpassported not in UNPASSPORTED:
+        raise CliError(f"--unpassported {unpassported!r}: one of {', '.join(UNPASSPORTED)}", exit_code=EXIT_USAGE)
     body: dict[str, Any] = {"display_name": display_name, "time_zone": time_zone, "tunnel_pool": tunnel_pool,
-                            "public_endpoint": endpoint, "lan_networks": lan_network or None, "change_windows": window or None}
+                            "public_endpoint": endpoint, "lan_networks": lan_network or None, "change_windows": window or None,
+                            "unpassported": unpassported, "device_networks": device_network or None}
     if ports:
         body["port_min"], body["port_max"] = _port_range(ports)
     return {k: v for k, v in body.items() if v is not None}

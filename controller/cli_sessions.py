@@ -419,7 +419,8 @@ def _outcome(s: dict) -> None:
 def _approved(s: dict) -> None:
     sid = s["id"]
     if s["state"] == "approved":
-        typer.echo(f"Approved {sid}: {s['user']} can open it (wicket activate {sid}) until {when(s['expires_at'])}.")
+        opens = f"wicket grant activate {sid}" if s.get("kind") == "grant" else f"wicket activate {sid}"
+        typer.echo(f"Approved {sid}: {s['user']} can open it ({opens}) until {when(s['expires_at'])}.")
     elif s["state"] == "pending_approval":
         typer.echo(f"Approved {sid}: {_approvals(s)} of {s['approvals_required']} approvals; it waits for another approver.")
     elif s["extension_request"]:
@@ -567,7 +568,7 @@ def _live(s: dict) -> bool:
 
 
 def _task(s: dict) -> str:
-    return s["task"] + (" (break-glass)" if s["break_glass"] else "")
+    return s["task"] + (" (break-glass)" if s["break_glass"] else " (grant)" if s.get("kind") == "grant" else "")
 
 
 def _by(ext: dict) -> str:
@@ -597,7 +598,7 @@ def _post(api: Api, sid: str, action: str, body: dict, totp: str | None = None) 
 
 
 def _my_open_session(api: Api) -> dict | None:
-    mine = api.call("GET", "/api/v1/sessions", params={"scope": "mine", "state": list(OPEN)})
+    mine = api.call("GET", "/api/v1/sessions", params={"scope": "mine", "state": list(OPEN), "kind": "lane"})
     active = [s for s in mine if s["state"] == "active"]
     candidates = active if len(active) == 1 else mine
     if len(candidates) <= 1:

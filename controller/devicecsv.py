@@ -21,7 +21,7 @@ from typing import NamedTuple
 from pydantic import ValidationError
 from sqlalchemy import insert, select, update
 
-from . import events
+from . import baselines, events
 from .auth import Principal
 from .db import transaction
 from .errors import Invalid
@@ -113,12 +113,15 @@ def import_devices(inventory: Inventory, caller: Principal, text: str, *, update
             raise ImportRejected(problems)
         created = updated = unchanged = 0
         fresh, changed = [], []
+        moved_sites: set[int] = set()  # sites whose baselines the import changes
         for row in rows:
             d = row.device
             values = d.model_dump(exclude={"asset_id", "site"})
             values["site_id"] = sites[d.site].id
             if d.asset_id not in existing:
                 fresh.append({"asset_id": d.asset_id, **values, "revision": 1, "created_at": now, "updated_at": now})
+                if baselines.in_baseline(values["site_id"], d.lifecycle, d.device_type, d.addresses):
+                    moved_sites.add(values["site_id"])
                 created += 1
             else:
                 given = row.columns | {"site_id"}  # site is a required column
@@ -132,8 +135,13 @@ def import_devices(inventory: Inventory, caller: Principal, text: str, *, update
                     unchanged += 1
                     continue
                 revision = dev.revision + (1 if set(diff) - {"last_seen"} else 0)
+                before = _baseline_of(dev, {})
+                after = _baseline_of(dev, diff)
+                if before != after:
+                    moved_sites.update(x[0] for x in (before, after) if x)
                 s.execute(update(Device).where(Device.id == device_id).values(**diff, revision=revision, updated_at=now))
                 updated += 1
+        bumped = baselines.bump_site(s, *moved_sites)
         if fresh:
             s.execute(insert(Device), fresh)
         if dry_run:
@@ -143,7 +151,15 @@ def import_devices(inventory: Inventory, caller: Principal, text: str, *, update
                           actor=caller.username, subject=f"{len(rows)} rows", source=source, created=created, updated=updated,
                           unchanged=unchanged, sha256=hashlib.sha256(text.encode()).hexdigest(),
                           asset_ids=[r.device.asset_id for r in rows[:100]])
+    if not dry_run:
+        inventory.on_nodes_changed(bumped)
     return ImportResult(created=created, updated=updated, unchanged=unchanged, dry_run=dry_run)
+
+
+def _baseline_of(dev: Device, diff: dict) -> tuple | None:
+    """The device's part of a baseline, with `diff` (column → new value) applied."""
+    v = {k: diff.get(k, getattr(dev, k)) for k in ("site_id", "lifecycle", "device_type", "addresses")}
+    return baselines.in_baseline(v["site_id"], v["lifecycle"], v["device_type"], v["addresses"])
 
 
 def export_devices(inventory: Inventory, caller: Principal, site: str | None = None) -> str:

@@ -11,15 +11,16 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from pydantic import ValidationError
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from . import events
+from . import baselines, events
 from .auth import Auth, Principal
 from .db import transaction
 from .errors import Conflict, Forbidden, Invalid, NotFound
 from .inventory_schemas import (
     AgentIO,
+    DeviceBind,
     DeviceCreate,
     DevicePage,
     DevicePublic,
@@ -28,7 +29,7 @@ from .inventory_schemas import (
     SitePublic,
     SiteUpdate,
 )
-from .models import AccessSession, Device, LaneLease, NodeAgent, RoleGrant, Site
+from .models import AccessSession, Device, LaneLease, Lifecycle, NodeAgent, RoleGrant, Site
 from .policy import Policy
 from .policy_store import PolicyStore
 
@@ -48,6 +49,9 @@ class FieldProblem:
 class Inventory:
     def __init__(self, auth: Auth, policies: PolicyStore):
         self.auth, self.factory, self.policies = auth, auth.factory, policies
+        # nodes whose desired state a committed change moved (their baselines, settings): the app hands
+        # them their new generation at once (`Pusher.push_quietly`); the clock would within a second
+        self.on_nodes_changed = lambda nodes: None
 
     # ---- sites ----
 
@@ -74,7 +78,8 @@ class Inventory:
             _check_pool(s, body.tunnel_pool, None)
             site = Site(name=body.name, display_name=body.display_name, time_zone=body.time_zone, tunnel_pool=body.tunnel_pool,
                         port_min=body.port_min, port_max=body.port_max, public_endpoint=body.public_endpoint,
-                        lan_networks=body.lan_networks, change_windows=body.change_windows, revision=1,
+                        lan_networks=body.lan_networks, change_windows=body.change_windows,
+                        unpassported=body.unpassported, device_networks=body.device_networks, revision=1,
                         created_at=now, updated_at=now)
             s.add(site)
             s.flush()
@@ -88,6 +93,7 @@ class Inventory:
         if "change_windows" in changes:
             self._check_site_windows(changes["change_windows"])
         now = self.auth.now()
+        bumped: list[str] = []
         with transaction(self.factory) as s:
             site = self._managed_site(s, caller, name, lock=True)
             merged = _revalidate(SiteCreate, {**_site_fields(site), **changes, "name": site.name})
@@ -105,14 +111,16 @@ class Inventory:
                                    "the pool can change once they end")
             for k, v in diff.items():
                 setattr(site, k, v)
-            if diff.keys() & {"tunnel_pool", "public_endpoint"}:
-                # both are in the nodes' desired state: a new generation carries them there
-                s.execute(update(NodeAgent).where(NodeAgent.site_id == site.id).values(generation=NodeAgent.generation + 1))
+            if diff.keys() & {"tunnel_pool", "public_endpoint", "unpassported", "device_networks"}:
+                # all are in the nodes' desired state: a new generation carries them there
+                bumped = baselines.bump_site(s, site.id)
             if diff:
                 site.revision += 1
                 site.updated_at = now
                 _event(s, caller, now, source, "site.update", name, changes=diff)
-            return _site_public(s, site)
+            out = _site_public(s, site)
+        self.on_nodes_changed(bumped)
+        return out
 
     def delete_site(self, caller: Principal, name: str, source: str | None) -> None:
         if not caller.has_any("admin"):
@@ -190,6 +198,7 @@ class Inventory:
     def create_device(self, caller: Principal, body: DeviceCreate, source: str | None) -> DevicePublic:
         policy = self.policies.require_active()
         now = self.auth.now()
+        bumped: list[str] = []
         with transaction(self.factory) as s:
             if s.scalar(select(Device.id).where(Device.asset_id == body.asset_id)) is not None:
                 raise Conflict(f"device {body.asset_id} exists already")
@@ -202,10 +211,14 @@ class Inventory:
                             **{k: v for k, v in body.model_dump().items() if k not in ("asset_id", "site")})
             s.add(device)
             s.flush()
+            if baselines.in_baseline(site.id, body.lifecycle, body.device_type, body.addresses):
+                bumped = baselines.bump_site(s, site.id)
             _event(s, caller, now, source, "device.create", body.asset_id, site=site.name, device_type=body.device_type,
                    lifecycle=body.lifecycle)
             device.site = site
-            return device_public(device)
+            out = device_public(device)
+        self.on_nodes_changed(bumped)
+        return out
 
     def update_device(self, caller: Principal, asset_id: str, body: DeviceUpdate, source: str | None) -> DevicePublic:
         changes = body.model_dump(exclude_unset=True)
@@ -226,6 +239,7 @@ class Inventory:
             if {"addresses", "site"} & set(changes):
                 problems += _unique_addresses(s, caller, site, merged.addresses, device.id)
             _raise(problems)
+            before = _baseline_of(device)
             diff = {}
             for key, value in merged.model_dump().items():
                 if key in ("asset_id", "site"):
@@ -236,13 +250,58 @@ class Inventory:
             if site.id != device.site_id:
                 diff["site"] = site.name
                 device.site_id, device.site = site.id, site
+            bumped = _bump_if_moved(s, before, _baseline_of(device))
             if diff:
                 if set(diff) - {"last_seen"}:
                     device.revision += 1
                 device.updated_at = now
                 shown = {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in diff.items()}
                 _event(s, caller, now, source, "device.update", asset_id, site=site.name, changes=shown)
-            return device_public(device)
+            out = device_public(device)
+        self.on_nodes_changed(bumped)
+        return out
+
+    def bind(self, caller: Principal, asset_id: str, body: DeviceBind, source: str | None) -> tuple[DevicePublic, bool]:
+        """Bind the identifiers read off the device at installation and make its passport active: its
+        baseline turns on at the site's nodes. Refused (409) for a device bound to other identifiers
+        (unless `rebind`), for identifiers bound to another device, and for a quarantined or
+        decommissioned device. Returns the passport, and whether identifiers were replaced."""
+        now = self.auth.now()
+        given = {k: v for k, v in (("iccid", body.iccid), ("eid", body.eid), ("imsis", body.imsis), ("mac", body.mac))
+                 if v is not None}
+        with transaction(self.factory) as s:
+            device = self._readable_device(s, caller, asset_id, lock=True)
+            site = device.site
+            if not caller.can(site.name, *MANAGE_ROLES):
+                raise Forbidden(f"binding devices at site {site.name} needs site_admin there (or admin)")
+            if device.lifecycle in (Lifecycle.quarantined.value, Lifecycle.decommissioned.value):
+                raise Conflict(f"{asset_id} is {device.lifecycle}: a site admin returns it to service "
+                               "(`wicket devices update --lifecycle provisioned`) before it is bound")
+            replaced = {k: getattr(device, k) for k, v in given.items() if getattr(device, k) and getattr(device, k) != v}
+            if replaced and not body.rebind:
+                was = "; ".join(f"{k} {', '.join(v) if isinstance(v, list) else v}" for k, v in replaced.items())
+                raise Conflict(f"{asset_id} is bound to other identifiers already ({was}): bind with --rebind "
+                               "(`rebind: true`) to replace them")
+            taken = _unique_sim(s, caller, body.iccid, body.eid, device.id)
+            if taken:
+                raise Conflict("; ".join(f"{p.field}: {p.error}" for p in taken))
+            if body.addresses is not None:
+                merged = _revalidate(DeviceCreate, {**_device_fields(device), "addresses": body.addresses, "asset_id": asset_id})
+                _raise(check_device(caller, self.policies.require_active(), merged, site, now=now)
+                       + _unique_addresses(s, caller, site, body.addresses, device.id))
+                given["addresses"] = body.addresses
+            before, was = _baseline_of(device), device.lifecycle
+            for k, v in given.items():
+                setattr(device, k, v)
+            device.lifecycle, device.last_seen = Lifecycle.active.value, now  # the installer has the device in hand
+            device.revision += 1
+            device.updated_at = now
+            bumped = _bump_if_moved(s, before, _baseline_of(device))
+            _event(s, caller, now, source, "device.bind", asset_id, site=site.name, device=asset_id, identifiers=given,
+                   previous_lifecycle=was, rebind=bool(replaced), replaced=replaced or None, note=body.reason)
+            out = device_public(device)
+        self.on_nodes_changed(bumped)
+        return out, bool(replaced)
 
     def delete_device(self, caller: Principal, asset_id: str, source: str | None) -> None:
         now = self.auth.now()
@@ -377,6 +436,17 @@ def _unique_addresses(s: Session, caller: Principal, site: Site | None, addresse
             for a in addresses if a in holders]
 
 
+def _baseline_of(d: Device) -> tuple | None:
+    return baselines.in_baseline(d.site_id, d.lifecycle, d.device_type, d.addresses)
+
+
+def _bump_if_moved(s: Session, before: tuple | None, after: tuple | None) -> list[str]:
+    """A device's part of its site's baseline changed: new generations for the nodes of the site(s) concerned."""
+    if before == after:
+        return []
+    return baselines.bump_site(s, before and before[0], after and after[0])
+
+
 def _site_by_name(s: Session, name: str) -> Site | None:
     return s.scalar(select(Site).where(Site.name == name))
 
@@ -401,7 +471,8 @@ def _devices_outside(s: Session, site: Site, networks: list[str]) -> list[str]:
 
 def _site_fields(site: Site) -> dict:
     return {k: getattr(site, k) for k in ("display_name", "time_zone", "tunnel_pool", "port_min", "port_max",
-                                          "public_endpoint", "lan_networks", "change_windows")}
+                                          "public_endpoint", "lan_networks", "change_windows", "unpassported",
+                                          "device_networks")}
 
 
 def _device_fields(d: Device) -> dict:

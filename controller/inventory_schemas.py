@@ -11,6 +11,7 @@ from pydantic import AfterValidator, BaseModel, Field, StringConstraints, field_
 from . import identifiers as ids
 from .policy.model import _timezone
 from .schemas import PRINTABLE, UtcTime, _In
+from .session_schemas import CommissioningOut
 
 SiteName = Annotated[str, StringConstraints(pattern=ids.SITE_NAME.pattern)]
 AssetIdStr = Annotated[str, StringConstraints(pattern=ids.ASSET_ID.pattern)]
@@ -18,6 +19,7 @@ TypeName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,47}$
 WindowName = TypeName
 ProtocolName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$")]
 Lifecycle = Literal["provisioned", "active", "quarantined", "decommissioned"]
+Unpassported = Literal["router", "deny"]
 Label = Annotated[str, StringConstraints(max_length=256, pattern=PRINTABLE)]
 
 
@@ -52,11 +54,17 @@ class _SiteFields(_In):
     public_endpoint: Endpoint = Field(description="host or address engineers' clients dial")
     lan_networks: list[V4Network] = Field(default_factory=list, max_length=64, description="device addresses must lie inside these")
     change_windows: list[WindowName] = Field(default_factory=list, max_length=32, description="names of policy change windows")
+    unpassported: Unpassported = Field(default="router", description="the own traffic of hosts in device_networks without an "
+                                       "active passport: router = left to the router's firewall, deny = dropped")
+    device_networks: list[V4Network] = Field(default_factory=list, max_length=64,
+                                             description="where the site's devices live; needed for unpassported = deny")
 
     @model_validator(mode="after")
     def _ports(self):
         if self.port_max < self.port_min:
             raise ValueError("port_max must be at least port_min")
+        if self.unpassported == "deny" and not self.device_networks:
+            raise ValueError("unpassported = deny needs device_networks: the networks whose hosts without a passport are dropped")
         return self
 
 
@@ -73,6 +81,8 @@ class SiteUpdate(_In):
     public_endpoint: Endpoint | None = None
     lan_networks: list[V4Network] | None = Field(default=None, max_length=64)
     change_windows: list[WindowName] | None = Field(default=None, max_length=32)
+    unpassported: Unpassported | None = None
+    device_networks: list[V4Network] | None = Field(default=None, max_length=64)
 
 
 class AgentIO(BaseModel):
@@ -95,6 +105,8 @@ class SitePublic(BaseModel):
     public_endpoint: str
     lan_networks: list[str]
     change_windows: list[str]
+    unpassported: str
+    device_networks: list[str]
     agents: list[AgentIO]
     devices: int
     revision: int
@@ -213,3 +225,34 @@ class ImportResult(BaseModel):
     updated: int
     unchanged: int
     dry_run: bool
+
+
+class DeviceBind(_In):
+    """Identifiers read off a device at installation (`wicket devices bind`): its SIM (ICCID, IMSIs), eUICC
+    (EID), MAC, and, if it differs now, its LAN address."""
+
+    iccid: Iccid | None = None
+    imsis: list[Imsi] | None = Field(default=None, max_length=8)
+    eid: Eid | None = None
+    mac: Mac | None = None
+    addresses: list[DeviceAddress] | None = Field(default=None, min_length=1, max_length=8)
+    rebind: bool = Field(default=False, description="replace identifiers the device is bound to already")
+    reason: Annotated[str, StringConstraints(min_length=3, max_length=500, pattern=PRINTABLE)] | None = Field(
+        default=None, description="why (a work order): recorded, and the reason of the commissioning grant")
+
+    @model_validator(mode="after")
+    def _some(self):
+        if not (self.iccid or self.eid or self.mac):
+            raise ValueError("give the identifiers read off the device: an ICCID, an EID or a MAC, at least")
+        for name in ("imsis", "addresses"):
+            values = getattr(self, name) or []
+            twice = sorted({v for v in values if values.count(v) > 1})
+            if twice:
+                raise ValueError(f"{name}: {', '.join(twice)} listed twice")
+        return self
+
+
+class BindOut(BaseModel):
+    device: DevicePublic
+    rebound: bool = Field(description="identifiers the device was bound to were replaced (`rebind`)")
+    commissioning: CommissioningOut | None = Field(description="the device type's commissioning grant, asked for the caller")

@@ -262,6 +262,10 @@ class Site(Base):
     public_endpoint: Mapped[str] = mapped_column(String(253))  # host engineers' clients dial
     lan_networks: Mapped[list] = mapped_column(JSON, default=list)  # device addresses lie inside these
     change_windows: Mapped[list] = mapped_column(JSON, default=list)  # names of policy change windows
+    # Device baselines: what the agent does with the own traffic of hosts in `device_networks` that have
+    # no active passport: "router" leaves it to the router's firewall, "deny" drops it.
+    unpassported: Mapped[str] = mapped_column(String(8), default="router", server_default="router")
+    device_networks: Mapped[list] = mapped_column(JSON, default=list)  # IPv4 CIDRs
     revision: Mapped[int] = mapped_column(Integer, default=1)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
@@ -401,6 +405,9 @@ class AccessSession(Base):
     __tablename__ = "access_sessions"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    # "lane": an engineer's tunnel to the device; "grant": a temporary change of the device's own flows
+    kind: Mapped[str] = mapped_column(String(8), default="lane", server_default="lane")
+    grant_group: Mapped[str | None] = mapped_column(String(32), index=True)  # the grants requested together
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="RESTRICT"), index=True)
     username: Mapped[str] = mapped_column(String(64))
     asset_id: Mapped[str] = mapped_column(String(64), index=True)
@@ -436,7 +443,7 @@ class AccessSession(Base):
     tunnel_address: Mapped[str | None] = mapped_column(String(45))
     device_address: Mapped[str | None] = mapped_column(String(45))
     listen_port: Mapped[int | None] = mapped_column(Integer)
-    flows: Mapped[list] = mapped_column(JSON, default=list)  # [{protocol, transport, port}]
+    flows: Mapped[list] = mapped_column(JSON, default=list)  # lanes: [{protocol, transport, port}]; grants: [{protocol, transport, ports, to}]
     lane_revision: Mapped[int] = mapped_column(Integer, default=0)
     opened_generation: Mapped[int | None] = mapped_column(Integer)  # the node generation that first lists the lane
     config_downloaded_at: Mapped[datetime | None] = mapped_column(UtcDateTime)

@@ -15,7 +15,7 @@ import time
 from pydantic import ValidationError
 from sqlalchemy import func, select
 
-from . import events
+from . import baselines, events
 from .auth import Auth, Principal
 from .db import transaction
 from .errors import Conflict, Invalid, NotFound
@@ -32,6 +32,7 @@ class PolicyStore:
         self._lock = threading.Lock()
         self._cached: tuple[int, Policy] | None = None
         self._checked_at = float("-inf")  # time.monotonic() of the last look at the newest version id
+        self.on_nodes_changed = lambda nodes: None  # every node's baselines follow the policy (app: the pusher)
 
     def active(self) -> Policy | None:
         with self._lock:
@@ -90,6 +91,7 @@ class PolicyStore:
                                     comment=comment, applied_at=now, applied_by=actor.username)
                 s.add(row)
                 s.flush()
+                bumped = baselines.bump_all(s)  # the nodes' baselines (profiles, destinations) come from the policy
                 events.record(s, at=now, category="policy", type="policy.apply", result="success", actor_id=actor.user_id,
                               actor=actor.username, subject=f"policy-{row.id}", source=source, version=candidate.version,
                               previous=latest.version if latest else None, changes=changes[:200], change_count=len(changes),
@@ -102,6 +104,7 @@ class PolicyStore:
             raise
         with self._lock:
             self._cached = None  # this replica uses the new version from its next decision
+        self.on_nodes_changed(bumped)
         return row, changes
 
     def history(self) -> list[PolicyVersion]:

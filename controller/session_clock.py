@@ -173,7 +173,8 @@ class SessionClock:
                 events.record(s, at=now, category="session", type="session.ending_soon", result="success", actor="system",
                               subject=sid, reason="ending_soon", seconds_left=left,
                               end_at=row.end_at.isoformat().replace("+00:00", "Z"),
-                              user=row.username, device=row.asset_id, site=row.site, task=row.task)
+                              user=row.username, device=row.asset_id, site=row.site, task=row.task,
+                              **({"kind": "grant", "grant_group": row.grant_group} if row.kind == "grant" else {}))
                 warned.append(sid)
         return warned
 

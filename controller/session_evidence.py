@@ -1,11 +1,12 @@
-"""One evidence record per session that had a lane, in the audit chain (`session.evidence`).
+"""One evidence record per session that had a lane (or a grant), in the audit chain (`session.evidence`).
 
 It is written once the session has ended and the node's signed evidence of its lane has arrived, or,
 if that evidence never comes, `evidence_wait_s` after the end, saying it is missing. It carries what an
 assessor asks for in one place: who asked and who approved, the device and its passport, the task,
 protocol and ports, the addresses, the requested and the actual times, why it ended, the policy and
 its decision, and the node's own record (flows, bytes, WireGuard, blocked attempts) with the node's
-signature, which anyone can check offline with the node's key (docs/audit.md).
+signature, which anyone can check offline with the node's key (docs/audit.md). A grant's record adds
+`kind: grant`, its group, its flows and what each destination resolved to on the node.
 """
 
 from __future__ import annotations
@@ -85,6 +86,13 @@ def compose(row: AccessSession, lanes: list[LaneEvidenceRecord], device: Device 
                   for lane in lanes if lane.body.get("recording")]
     if row.recording == "payload":
         anomalies += _recording_anomalies(lanes)
+    grant = {}
+    if row.kind == "grant":  # only then, so that lanes' records keep their shape
+        resolved: dict[str, list[str]] = {}
+        for lane in lanes:
+            for name, addresses in (lane.body.get("destinations") or {}).items():
+                resolved[name] = sorted(set(resolved.get(name, [])) | set(addresses))
+        grant = {"kind": "grant", "grant_group": row.grant_group, "flows": row.flows, "destinations": resolved}
     return {
         "session_id": row.id, "user": row.username, "device": row.asset_id, "site": row.site, "task": row.task,
         "reason_given": row.reason, "incident": row.incident, "break_glass": row.break_glass,
@@ -106,6 +114,7 @@ def compose(row: AccessSession, lanes: list[LaneEvidenceRecord], device: Device 
         "anomalies": anomalies,
         "node_evidence": "delivered" if final else ("partial" if lanes else "missing"),
         "lanes": [_lane(lane) for lane in lanes],
+        **grant,
     }
 
 

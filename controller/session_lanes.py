@@ -1,10 +1,11 @@
 """A session's lane on the controller side: its keys, its tunnel address and port, the node's desired
-state built from active sessions, and handing that state to the node.
+state built from active sessions (lanes and grants) and the site's device baselines, and handing that
+state to the node.
 
 The desired state is level-triggered: it is always rebuilt from the database (every active session of
-the node whose end is still ahead), stamped with the node's generation, which every change to the node's
-lanes bumps in the same transaction. A push that fails is retried by the session clock until the node
-has the newest generation.
+the node whose end is still ahead, the site's devices under the applied policy), stamped with the node's
+generation, which every change to the node's lanes, grants or baselines bumps in the same transaction.
+A push that fails is retried by the session clock until the node has the newest generation.
 """
 
 from __future__ import annotations
@@ -22,8 +23,17 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from nodeagent.wire import MAX_LANES, DesiredNodeState, FlowSpec, LaneSpec, NodeSettings, ReconcileReport
+from nodeagent.wire import (
+    MAX_LANES,
+    DesiredNodeState,
+    FlowSpec,
+    GrantSpec,
+    LaneSpec,
+    NodeSettings,
+    ReconcileReport,
+)
 
+from . import baselines
 from .errors import Conflict
 from .models import AccessSession, LaneLease, NodeAgent, SessionState, Site
 from .nodelink import LinkError, NodeLink
@@ -41,17 +51,18 @@ def mint_keypair() -> tuple[str, str]:
     return base64.b64encode(private).decode(), base64.b64encode(public).decode()
 
 
-def node_for(s: Session, site: Site) -> str:
-    """The site's agent that carries its lanes: the first registered, by name; refused when it already
-    carries as many lanes as one desired state may hold."""
+def node_for(s: Session, site: Site, kind: str = "lane") -> str:
+    """The site's agent that carries its lanes and grants: the first registered, by name; refused when it
+    already carries as many lanes (or grants) as one desired state may hold."""
     name = s.scalar(select(NodeAgent.name).where(NodeAgent.site_id == site.id).order_by(NodeAgent.name).limit(1))
+    what = "grants" if kind == "grant" else "lanes"
     if name is None:
         raise Conflict(f"site {site.name} has no node agent registered: a site admin adds one "
-                       f"(`wicket sites agent-add {site.name} NAME`) before lanes can open there")
+                       f"(`wicket sites agent-add {site.name} NAME`) before {what} can open there")
     carried = s.scalar(select(func.count()).select_from(AccessSession).where(
-        AccessSession.node == name, AccessSession.state.in_(LANED)))
+        AccessSession.node == name, AccessSession.state.in_(LANED), AccessSession.kind == kind))
     if carried >= MAX_LANES:
-        raise Conflict(f"node {name} at site {site.name} already carries {carried} lanes, the most one node takes; "
+        raise Conflict(f"node {name} at site {site.name} already carries {carried} {what}, the most one node takes; "
                        "try again when one ends")
     return name
 
@@ -99,23 +110,34 @@ def _free_port(low: int, high: int, used: set[int]) -> int:
 
 
 def desired_state(s: Session, node: str) -> DesiredNodeState:
-    """The node's complete desired state: one lane per active session. A function of the database alone,
-    so the same generation always has the same content and may be handed over again (a restart, a second
-    replica). A session past its end but not yet expired by the clock stays listed: the agent has ended
-    it already and will not reopen it."""
+    """The node's complete desired state: one lane per active session, one grant per active grant, and the
+    site's device baselines. A function of the database alone, so the same generation always has the same
+    content and may be handed over again (a restart, a second replica). A session past its end but not yet
+    expired by the clock stays listed: the agent has ended it already and will not reopen it."""
     agent = s.scalar(select(NodeAgent).where(NodeAgent.name == node))
     if agent is None:
         raise LookupError(node)
     site = s.get(Site, agent.site_id)
     # only the columns a lane needs: whole rows carry the decision trace and load approvals
-    rows = s.execute(select(AccessSession.id, AccessSession.lane_revision, AccessSession.asset_id,
+    rows = s.execute(select(AccessSession.id, AccessSession.kind, AccessSession.lane_revision, AccessSession.asset_id,
                             AccessSession.engineer_public_key, AccessSession.tunnel_address, AccessSession.device_address,
                             AccessSession.flows, AccessSession.listen_port, AccessSession.end_at, AccessSession.recording)
                      .where(AccessSession.node == node, AccessSession.state.in_(LANED))
                      .order_by(AccessSession.id)).all()
-    lanes = [lane_spec(r) for r in rows if r.engineer_public_key and r.tunnel_address and r.listen_port]
+    lanes = [lane_spec(r) for r in rows if r.kind != "grant" and r.engineer_public_key and r.tunnel_address and r.listen_port]
+    granted = [r for r in rows if r.kind == "grant" and r.device_address]
+    compiled = baselines.applied(s)
+    baseline, grants = None, []
+    if compiled is not None:  # no policy applied: devices' own traffic is left alone, and there is nothing to grant
+        baseline = baselines.baseline_state(s, site, compiled, {n for r in granted for f in r.flows for n in f["to"]})
+        for r in granted:
+            flows = compiled.flows(r.flows)
+            if flows:  # a destination the policy dropped since: the clock revokes the grant on its next turn
+                grants.append(GrantSpec(session_id=r.id, revision=r.lane_revision, device_id=r.asset_id,
+                                        device_address=r.device_address, flows=flows, end_time=r.end_at))
     settings = NodeSettings(tunnel_networks=[ipaddress.ip_network(site.tunnel_pool)], endpoint_host=site.public_endpoint)
-    return DesiredNodeState(node_id=node, generation=agent.generation, settings=settings, lanes=lanes)
+    return DesiredNodeState(node_id=node, generation=agent.generation, settings=settings, lanes=lanes,
+                            baseline=baseline, grants=grants)
 
 
 def lane_spec(r) -> LaneSpec:

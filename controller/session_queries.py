@@ -29,9 +29,11 @@ class SessionQueries:
             return SessionOut.of(row, self.auth.now())
 
     def list(self, caller: Principal, *, mine: bool, states: list[str], site: str | None, device: str | None,
-             limit: int, unreviewed: bool = False) -> list[SessionOut]:
+             limit: int, unreviewed: bool = False, kind: str | None = None) -> list[SessionOut]:
         """Newest first. `mine`: the caller's own; otherwise every session the caller may see."""
         q = select(AccessSession)
+        if kind:
+            q = q.where(AccessSession.kind == kind)
         if mine:
             q = q.where(AccessSession.user_id == caller.user_id)
         else:
@@ -90,8 +92,8 @@ class SessionQueries:
             if not caller.can(site, *HISTORY_READERS):
                 raise Forbidden(f"who had access to a device is for approvers, soc, site admins and admins at site {site}")
             until = func.coalesce(AccessSession.ended_at, AccessSession.end_at)
-            rows = s.scalars(select(AccessSession).where(
-                AccessSession.asset_id == asset_id, AccessSession.activated_at.is_not(None),
+            rows = s.scalars(select(AccessSession).where(  # lanes: a grant is the device's own traffic, nobody's access
+                AccessSession.asset_id == asset_id, AccessSession.kind == "lane", AccessSession.activated_at.is_not(None),
                 AccessSession.activated_at < end, until > start).order_by(AccessSession.activated_at)).all()
             now = self.auth.now()
             return [AccessRecord(session_id=r.id, user=r.username, task=r.task, break_glass=r.break_glass, state=r.state,

@@ -5,11 +5,11 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from nodeagent.wire import WireGuardKey
 
-from .identifiers import ASSET_ID
+from .identifiers import ASSET_ID, SITE_NAME
 from .models import AccessSession
 from .policy.durations import format_duration, parse_duration
 from .schemas import PRINTABLE
@@ -79,6 +79,8 @@ class ApprovalOut(BaseModel):
 
 class SessionOut(BaseModel):
     id: str
+    kind: Literal["lane", "grant"] = Field(description="lane: an engineer's tunnel; grant: a temporary change of the device's own flows")
+    grant_group: str | None = Field(description="grants requested together share it")
     state: str
     user: str
     device: str
@@ -120,7 +122,7 @@ class SessionOut(BaseModel):
     def of(cls, r: AccessSession, now: datetime, activation_error: str | None = None) -> SessionOut:
         live = r.state == "active" and r.end_at is not None and r.end_at > now
         return cls(
-            id=r.id, state=r.state, user=r.username, device=r.asset_id, site=r.site, task=r.task, reason=r.reason,
+            id=r.id, kind=r.kind or "lane", grant_group=r.grant_group, state=r.state, user=r.username, device=r.asset_id, site=r.site, task=r.task, reason=r.reason,
             break_glass=r.break_glass, incident=r.incident, requested_at=r.requested_at,
             duration=format_duration(timedelta(seconds=r.duration_s)), approvals_required=r.approvals_required,
             approvals=[ApprovalOut(kind=a.kind, approver=a.approver, verdict=a.verdict, reason=a.reason, at=a.at) for a in r.approvals],
@@ -158,3 +160,92 @@ class AccessRecord(BaseModel):
     flows: list[dict]
     policy_version: str
 
+
+
+# ---- grants ----
+
+MAX_GROUP = 1000  # devices in one grant request: a bigger campaign is several groups
+TypeName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,47}$")]
+SiteNameStr = Annotated[str, Field(pattern=SITE_NAME.pattern)]
+AssetIdStr = Annotated[str, Field(pattern=ASSET_ID.pattern)]
+
+
+class GrantRequestIn(_In):
+    task: TaskName = Field(description="a grant task of the policy")
+    devices: list[AssetIdStr] | None = Field(default=None, min_length=1, max_length=MAX_GROUP, description="asset IDs")
+    device_type: TypeName | None = Field(default=None, description="instead of `devices`: every active device of this type …")
+    site: SiteNameStr | None = Field(default=None, description="… at this site")
+    duration: DurationText | None = Field(default=None, description='e.g. "2h"; the task default if left out')
+    reason: Reason = Field(description="why: a work order, a campaign, a commissioning job")
+    activate: bool = Field(default=True, description="open the grants at once when no approval is needed")
+
+    @model_validator(mode="after")
+    def _which(self) -> GrantRequestIn:
+        by_type = self.device_type is not None or self.site is not None
+        if bool(self.devices) == by_type:
+            raise ValueError("name the devices (`devices`), or a type and a site (`device_type` and `site`), not both")
+        if by_type and (self.device_type is None or self.site is None):
+            raise ValueError("`device_type` and `site` go together")
+        if self.devices and len(set(self.devices)) != len(self.devices):
+            raise ValueError("a device is listed twice")
+        return self
+
+
+class GrantOut(BaseModel):
+    """One grant: a device's temporary flows, where it stands, and until when."""
+
+    id: str
+    grant_group: str | None
+    state: str
+    user: str
+    device: str
+    site: str
+    task: str
+    reason: str
+    requested_at: datetime
+    duration: str
+    approvals_required: int
+    approvals: int = Field(description="approvals of the request so far")
+    expires_at: datetime | None = Field(description="a pending request or an unused approval lapses then")
+    activated_at: datetime | None
+    end_at: datetime | None
+    seconds_left: int | None
+    ended_at: datetime | None
+    end_reason: str | None
+    ended_by: str | None
+    node: str | None
+    device_address: str | None
+    flows: list[dict] = Field(description="[{protocol, transport, ports, to}], once activated")
+    decision_reason: str
+
+    @classmethod
+    def of(cls, r: AccessSession, now: datetime) -> GrantOut:
+        s = SessionOut.of(r, now)
+        return cls(id=r.id, grant_group=r.grant_group, state=r.state, user=r.username, device=r.asset_id, site=r.site,
+                   task=r.task, reason=r.reason, requested_at=r.requested_at, duration=s.duration,
+                   approvals_required=r.approvals_required,
+                   approvals=sum(1 for a in r.approvals if a.kind == "request" and a.verdict == "approve"),
+                   expires_at=s.expires_at, activated_at=r.activated_at, end_at=r.end_at, seconds_left=s.seconds_left,
+                   ended_at=r.ended_at, end_reason=r.end_reason, ended_by=r.ended_by, node=r.node,
+                   device_address=r.device_address if r.activated_at else None, flows=r.flows,
+                   decision_reason=(r.decision or {}).get("reason", ""))
+
+
+class GrantGroupOut(BaseModel):
+    grant_group: str | None
+    task: str
+    grants: list[GrantOut]
+    activation_error: str | None = Field(default=None, description="why some grants did not open, when asked to open at once")
+
+
+class GrantReasonIn(_In):
+    reason: Reason
+
+
+class CommissioningOut(BaseModel):
+    """The commissioning grant `wicket devices bind` asked for (the device type's `commissioning` task)."""
+
+    task: str
+    grant: GrantOut | None = Field(description="the grant, or null when the policy refused it")
+    refused: str | None = Field(default=None, description="why the policy refused it")
+    activation_error: str | None = Field(default=None, description="why it did not open at once, when no approval was needed")

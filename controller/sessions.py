@@ -3,6 +3,9 @@
   denied | pending_approval ─approve×N→ approved ─activate→ opening ─node acknowledges→ active ─→ closed | expired | revoked
                             └─reject→ rejected           └─node fails or is silent→ approved
 
+A session is an engineer's lane (kind "lane"), or a grant (kind "grant": a temporary change of a device's
+own flows, `controller.grants`), which goes through the same states, approvals, acknowledgement and ends.
+
 Every change to a session happens in one transaction that first locks its row (an UPDATE, which
 serialises writers on SQLite and PostgreSQL alike), re-reads it, checks the move is still allowed, and
 writes the audit event with the policy decision. An approval is used up by the activation it allows;
@@ -38,6 +41,7 @@ from .settings import Settings
 from .wgconf import EngineerConfig, render
 
 S = SessionState
+LANE, GRANT = "lane", "grant"
 OPEN = (S.pending_approval.value, S.approved.value, S.opening.value, S.active.value)
 LANED = (S.opening.value, S.active.value)  # states whose lane is in the node's desired state
 READERS = ("approver", "soc", "admin", "site_admin")  # may see every session at a site
@@ -93,6 +97,7 @@ class Sessions:
                 public_key: str | None, source: str | None, activate: bool = True) -> Opened:
         """A request, decided at once: denied, pending approval, or approved (and then activated)."""
         site = self._visible_site(caller, asset_id)
+        self.not_a_grant(task)
         decision = self.decisions.decide(user_id=caller.user_id, asset_id=asset_id, task=task, duration=duration, source=source)
         now = self.auth.now()
         if decision.outcome == DENY:
@@ -119,6 +124,7 @@ class Sessions:
                     incident: str, public_key: str | None, source: str | None) -> AccessSession:
         """Emergency access: no approval, a shorter maximum, payload recording, a loud event, a review owed."""
         site = self._visible_site(caller, asset_id)
+        self.not_a_grant(task)
         decision = self.decisions.decide(user_id=caller.user_id, asset_id=asset_id, task=task, duration=duration,
                                          source=source, break_glass=True)
         now = self.auth.now()
@@ -135,9 +141,10 @@ class Sessions:
         return self._activate(caller, row.id, public_key, source, approved_by_policy=True)
 
     def _new(self, s: Session, caller, asset_id, site, task, reason, decision: Decision, state, expires, source, now, *,
-             public_key, break_glass, incident) -> AccessSession:
+             public_key, break_glass, incident, kind: str = LANE, grant_group: str | None = None) -> AccessSession:
         row = AccessSession(
-            id=new_id(), user_id=caller.user_id, username=caller.username, asset_id=asset_id, site=site, task=task,
+            id=new_id(), kind=kind, grant_group=grant_group, user_id=caller.user_id, username=caller.username,
+            asset_id=asset_id, site=site, task=task,
             reason=reason, incident=incident, break_glass=break_glass, state=state.value, source=source,
             duration_s=int(decision.duration.total_seconds()) if decision.duration else 0,
             approvals_required=decision.approvals_required, policy_version=decision.policy_version,
@@ -233,6 +240,7 @@ class Sessions:
         with transaction(self.factory) as s:
             row = self._lock(s, caller, sid)
             self._own(caller, row, "activate")
+            _lane_only(row, "activated here: `wicket grant activate` (POST /api/v1/grants/{id}/activate) opens it")
             if row.state != S.approved.value:
                 raise Conflict(f"session {sid} is {row.state}: only an approved session can be activated")
             if row.expires_at and row.expires_at <= now:
@@ -316,6 +324,15 @@ class Sessions:
             for row in (self._lock_any(s, sid) for sid in sids):
                 if row.state != S.opening.value:
                     continue
+                if row.kind == GRANT:
+                    why = _grant_refused(row.id, node, generation, report, status)
+                    if why:
+                        failed.append((row.id, why))
+                        continue
+                    _move(row, S.active)
+                    events.record(s, at=now, category="session", type="session.open", result="success", actor=events.agent_actor(node),
+                                  subject=row.id, node=node, generation=generation, **_context(row))
+                    continue
                 lane = observed.get(row.id)
                 if lane is not None and lane.node_public_key:
                     _move(row, S.active, node_public_key=lane.node_public_key)
@@ -385,6 +402,7 @@ class Sessions:
         with transaction(self.factory) as s:
             row = self._lock(s, caller, sid)
             self._own(caller, row, "download the config of")
+            _lane_only(row, "downloaded: a grant opens flows for the device, there is no tunnel to configure")
             if row.config_downloaded_at is not None:
                 gone = True
             else:
@@ -420,6 +438,7 @@ class Sessions:
         with transaction(self.factory) as s:
             row = self._lock(s, caller, sid)
             self._own(caller, row, "extend")
+            _lane_only(row, "extended: when more time is needed, open a new grant")
             if row.state != S.active.value or row.end_at <= now:
                 raise Conflict(f"session {sid} is {row.state}: only an active session can be extended")
             if row.break_glass:
@@ -561,6 +580,10 @@ class Sessions:
                 raise NotFound(f"no session {sid}")
             if action in ("activate", "extend"):
                 self._own(caller, row, action)
+                if action == "activate":
+                    _lane_only(row, "activated here: `wicket grant activate` (POST /api/v1/grants/{id}/activate) opens it")
+                else:
+                    _lane_only(row, "extended: when more time is needed, open a new grant")
             elif action == "approve":
                 if not caller.can(row.site, "approver"):
                     raise Forbidden(f"approving needs the approver role at site {row.site}")
@@ -577,6 +600,14 @@ class Sessions:
     def guard_device(self, caller: Principal, asset_id: str) -> None:
         """404 for a device the caller cannot see, before a request spends a TOTP code."""
         self._visible_site(caller, asset_id)
+
+    def not_a_grant(self, task: str) -> None:
+        """Refuse a grant task where a lane is asked for (before the step-up, and again in the action)."""
+        policy = self.policies.active()
+        found = policy.document.tasks.get(task) if policy else None
+        if found is not None and found.is_grant:
+            raise Invalid(f"task {task!r} is a grant task: it opens flows for devices, not a lane; "
+                          "request it with `wicket grant open` (POST /api/v1/grants)")
 
     def desired_for(self, caller: Principal, node: str):
         with self.factory() as s:
@@ -636,12 +667,12 @@ class _Denied(Forbidden):
 
 
 def active_count(factory, user_id: int) -> int:
-    """The user's active sessions, for the policy's concurrency limit."""
+    """The user's active lanes, for the policy's concurrency limit (grants are nobody's tunnel)."""
     from sqlalchemy import func
 
     with factory() as s:
         return s.scalar(select(func.count()).select_from(AccessSession).where(
-            AccessSession.user_id == user_id, AccessSession.state.in_(LANED))) or 0
+            AccessSession.user_id == user_id, AccessSession.state.in_(LANED), AccessSession.kind == LANE)) or 0
 
 
 def may_see(caller: Principal, row: AccessSession) -> bool:
@@ -669,6 +700,21 @@ def _flows(access) -> list[dict]:
     return out
 
 
+def _lane_only(row: AccessSession, what: str) -> None:
+    if row.kind == GRANT:
+        raise Conflict(f"{row.id} is a grant and cannot be {what}")
+
+
+def _grant_refused(sid: str, node: str, generation: int, report, status) -> str | None:
+    """Why the node did not take up a grant in the generation it applied, or None: it holds it. A grant has
+    no interface or key to show, so the rule is: applied by an agent that speaks grants (protocol v4),
+    and no error of that reconcile names the grant's session ID."""
+    version = getattr(status, "protocol_version", None) or 0
+    if version < 4:
+        return f"node {node} speaks agent protocol v{version}, which enforces no grants: upgrade the agent"
+    return next((e for e in report.errors if sid in e), None)
+
+
 def _verb(state: SessionState) -> str:
     return {S.closed: "close", S.expired: "expire", S.revoked: "revoke"}[state]
 
@@ -678,8 +724,11 @@ def _code(check: str) -> str:
 
 
 def _context(row: AccessSession) -> dict:
-    return {"session_id": row.id, "user": row.username, "device": row.asset_id, "site": row.site, "task": row.task,
-            "break_glass": row.break_glass}
+    out = {"session_id": row.id, "user": row.username, "device": row.asset_id, "site": row.site, "task": row.task,
+           "break_glass": row.break_glass}
+    if row.kind == GRANT:  # only then, so that lanes' events keep their shape
+        out |= {"kind": GRANT, "grant_group": row.grant_group}
+    return out
 
 
 def _decision_body(decision: Decision) -> dict:

@@ -179,7 +179,9 @@ class Grants:
             self.fw.commit(add=[self.fw.grant_elements(keys, mark, deadline - now) for (mark, deadline), keys in groups.items()])
             self.kernel = desired
         except (FirewallError, OSError) as exc:
-            errors.append(f"grants: {exc}")
+            # the controller takes a grant whose id no error names as open: name every grant this touched
+            marks = {desired[k][0] for k in add}
+            errors += [f"grant {r.session_id}: {exc}" for r in self.records.values() if r.mark in marks] or [f"grants: {exc}"]
             self.kernel = {k: v for k, v in self.kernel.items() if k not in stale}
 
     def _converge(self, spec: GrantSpec, rec: GrantRecord | None, boot: str, baseline: BaselineState | None,

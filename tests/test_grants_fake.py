@@ -124,3 +124,12 @@ def test_breaches_are_spooled_as_one_report_with_device_names(node):
     node.clock.advance(node.cfg.breach_report_s + 1)
     node.agent.tick()
     assert len(node.agent.state.pending_reports()) == 1, "nothing new: no empty report"
+
+
+def test_a_refused_grant_transaction_names_the_grant_so_the_controller_does_not_count_it_open(node):
+    node.fw.fail_if = lambda ops: any(isinstance(op, tuple) and op[1].get("name") == "grant_flow" for op in ops)
+    report = node.apply_grants([grant(node.clock, "g-9")])
+    assert any(e.startswith("grant g-9: ") for e in report.errors), report.errors
+    node.fw.fail_if = None
+    report = node.agent.reconcile()
+    assert node.grant_keys(), "converges on the next pass"

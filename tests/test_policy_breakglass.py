@@ -35,12 +35,14 @@ MINUTE = timedelta(minutes=1)
 
 
 def policy(limits: dict | None = None, every_task: bool = False, extra: str | None = None):
-    """The example policy, with other limits, with every task marked break_glass, or with an extra file."""
+    """The example policy, with other limits, with every task marked break_glass (every lane task: a grant
+    task is never one), or with an extra file."""
     files = example_files()
     if limits is not None or every_task:
         tasks = yaml.safe_load(files["tasks.yaml"])
         for task in tasks["tasks"].values():
-            task["break_glass"] = task.get("break_glass", False) or every_task
+            if "grant" not in task:
+                task["break_glass"] = task.get("break_glass", False) or every_task
         rest = yaml.safe_load(files["windows-and-locations.yaml"])
         rest["limits"] |= limits or {}
         files |= {"tasks.yaml": yaml.safe_dump(tasks), "windows-and-locations.yaml": yaml.safe_dump(rest)}

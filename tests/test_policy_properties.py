@@ -151,7 +151,8 @@ def _break(check: str, draw, r: AccessRequest) -> tuple[AccessRequest, set[str]]
         case "task":
             return replace(r, task=draw(st.sampled_from(("fw-push", "x", "iec104_diagnostics")))), {"task"}
         case "task_role":
-            others = tuple((role, SITE) for role in draw(st.lists(st.sampled_from(OTHER_ROLES), min_size=1, unique=True)))
+            not_task = [role for role in OTHER_ROLES if role not in task.roles]
+            others = tuple((role, SITE) for role in draw(st.lists(st.sampled_from(not_task), min_size=1, unique=True)))
             return replace(r, user=replace(u, roles=others)), {"task_role"}
         case "task_device_type":
             other = draw(st.sampled_from(sorted(({*doc.device_types} - set(task.device_types)) | {"gas-rtu"})))
@@ -191,8 +192,12 @@ def _needs(check: str) -> dict:
     """What the good request must have for `check` to be breakable at all."""
     if check == "change_window":
         return {"tasks": ("rtu-config-change", "dlms-firmware-push")}
-    if check == "location":
-        return {"location": True}
+    if check == "location":  # a location rule must apply: the task's own, or contractors' (then the task takes them)
+        doc = example().document
+        return {"location": True, "tasks": tuple(sorted(n for n, t in doc.tasks.items()
+                                                        if _task_rules(doc, n) or "contractor" in t.roles))}
+    if check == "concurrency":  # a grant is nobody's tunnel: the per-person limit does not apply to it
+        return {"tasks": tuple(sorted(n for n, t in example().document.tasks.items() if not t.is_grant))}
     return {}
 
 
@@ -208,7 +213,10 @@ def test_a_request_built_to_pass_passes(request: AccessRequest) -> None:
     assert (decision.outcome == ALLOW_WITH_APPROVAL) == (task.approval.required or contractor)
     assert decision.approvals_required == (task.approval.approvers if decision.outcome == ALLOW_WITH_APPROVAL else 0)
     assert decision.ends_at == request.at + (request.duration or task.duration.default)
-    assert decision.access and all(a.address == request.device.addresses[0] for a in decision.access)
+    if task.is_grant:  # a grant: the device's flows, from its first address; no engineer's access
+        assert decision.grant and decision.grant_address == request.device.addresses[0] and not decision.access
+    else:
+        assert decision.access and all(a.address == request.device.addresses[0] for a in decision.access)
 
 
 @pytest.mark.parametrize("check", CHECKS)
@@ -224,7 +232,7 @@ def test_breaking_one_check_denies_and_names_it(check: str, data) -> None:
     assert check in failed, decision.as_dict()["trace"]
     assert failed <= may_fail, f"breaking {check} also failed {sorted(failed - may_fail)}"
     assert decision.reason == next(c.reason for c in decision.checks if c.result == "fail")
-    assert decision.ends_at is None and decision.approvals_required == 0 and not decision.access
+    assert decision.ends_at is None and decision.approvals_required == 0 and not decision.access and not decision.grant
 
 
 def _request_from(at_minute: int, f: dict) -> AccessRequest:

@@ -124,6 +124,7 @@ MAPPINGS: dict[str, Mapping] = {
     "device.create": _m("Device created", "notice", "configuration", "creation", 6003, 1),
     "device.update": _m("Device updated", "notice", "configuration", "change", 6003, 3),
     "device.delete": _m("Device deleted", "notice", "configuration", "deletion", 6003, 4),
+    "device.bind": _m("Device bound", "notice", "configuration", "change", 6003, 3),
     "site.create": _m("Site created", "notice", "configuration", "creation", 6003, 1),
     "site.update": _m("Site updated", "notice", "configuration", "change", 6003, 3),
     "site.delete": _m("Site deleted", "notice", "configuration", "deletion", 6003, 4),

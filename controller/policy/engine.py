@@ -9,6 +9,10 @@ deny); the decision's `reason` is the first failure, in words an engineer unders
 reads a clock, a database or the network: the caller passes the facts, and the same facts and policy
 always give the same decision.
 
+A request for a grant task (a task with `grant`) runs the same checks too; `protocol` then checks the
+grant's flows and the device's address instead of engineers' access, and `concurrency` does not apply
+(a grant is nobody's tunnel). The decision's `grant` holds the flows and the device address.
+
 A break-glass request (`AccessRequest(…, break_glass=True)`) runs the same checks, with three changes:
 `task_role` wants the break_glass grant at the site and a task marked `break_glass`, change windows do not
 apply, and the duration is capped by `limits.break_glass_max_duration`. It never needs approval and is
@@ -110,6 +114,19 @@ class Access:
 
 
 @dataclass(frozen=True)
+class GrantFlow:
+    """A flow a grant lets the device open: the protocol's transport and ports, to these destinations."""
+
+    protocol: str
+    transport: str
+    ports: tuple[int, ...]
+    to: tuple[str, ...]
+
+    def as_dict(self) -> dict:
+        return {"protocol": self.protocol, "transport": self.transport, "ports": list(self.ports), "to": list(self.to)}
+
+
+@dataclass(frozen=True)
 class Decision:
     outcome: str  # allow | allow_with_approval | deny
     reason: str
@@ -123,6 +140,8 @@ class Decision:
     access: tuple[Access, ...] = ()
     recording: str | None = None
     break_glass: bool = False
+    grant: tuple[GrantFlow, ...] = ()  # a grant task's flows, once allowed
+    grant_address: str | None = None  # the device address they leave from
 
     @property
     def failed(self) -> tuple[str, ...]:
@@ -145,6 +164,8 @@ class Decision:
         }
         if self.break_glass:  # only then, so that ordinary decisions keep their shape
             out["break_glass"] = True
+        if self.grant:
+            out["grant"] = {"device_address": self.grant_address, "flows": [f.as_dict() for f in self.grant]}
         return out
 
 
@@ -173,7 +194,8 @@ def evaluate(policy, request: AccessRequest) -> Decision:
     reason = "allowed" if not approval else f"allowed once approved by {task.approval.approvers} approver(s): " + "; ".join(approval)
     return Decision(outcome, reason, policy.version, request.at, checks,
                     approvals_required=task.approval.approvers if approval else 0, approval_reasons=tuple(approval),
-                    duration=ctx.duration, ends_at=request.at + ctx.duration, access=ctx.access, recording=recording)
+                    duration=ctx.duration, ends_at=request.at + ctx.duration, access=ctx.access, recording=recording,
+                    grant=ctx.grant, grant_address=ctx.grant_address)
 
 
 def break_glass_tasks(policy, device_type: str) -> list[str]:
@@ -213,6 +235,8 @@ class _Context:
             if self.duration is None:
                 self.duration = min(self.task.duration.default, self.max_duration)
         self.access: tuple[Access, ...] = ()
+        self.grant: tuple[GrantFlow, ...] = ()
+        self.grant_address: str | None = None
 
 
 def _check_account(ctx: _Context) -> Check:
@@ -321,19 +345,16 @@ def _check_protocol(ctx: _Context) -> Check:
     d = ctx.r.device
     if ctx.device_type is None:
         return Check("protocol", NOT_EVALUATED, "the device type is not in the policy", {"device_type": d.device_type})
+    if ctx.task.is_grant:
+        return _check_grant(ctx)
     inputs = {"protocols": sorted(ctx.task.protocols), "device_type_access": sorted(ctx.device_type.access),
               "addresses": list(d.addresses), "site_networks": list(ctx.r.site.lan_networks)}
     missing = [p for p in ctx.task.protocols if p not in ctx.device_type.access]
     if missing:
         return Check("protocol", FAIL, f"device type {d.device_type} does not allow {', '.join(sorted(missing))}", inputs)
-    if not d.addresses:
-        return Check("protocol", FAIL, f"{d.asset_id} has no LAN address in its passport", inputs)
-    address = d.addresses[0]
-    if ctx.r.site.lan_networks:
-        ip = ipaddress.ip_address(address)
-        if not any(ip in ipaddress.ip_network(n) for n in ctx.r.site.lan_networks):
-            return Check("protocol", FAIL, f"{d.asset_id}'s address {address} is outside site {d.site}'s device networks "
-                         f"({', '.join(ctx.r.site.lan_networks)})", inputs)
+    address, problem = _device_address(ctx)
+    if problem:
+        return Check("protocol", FAIL, problem, inputs)
     overrides = dict(d.ports)
     access = []
     for name in sorted(ctx.task.protocols):
@@ -343,6 +364,34 @@ def _check_protocol(ctx: _Context) -> Check:
     ctx.access = tuple(access)
     inputs["allowed"] = [f"{a.protocol} {a.transport}/{a.port} → {a.address}" for a in access]
     return Check("protocol", PASS, "; ".join(inputs["allowed"]), inputs)
+
+
+def _check_grant(ctx: _Context) -> Check:
+    """A grant's flows leave from the device: its first address, inside the site's device networks."""
+    d, doc = ctx.r.device, ctx.doc
+    flows = tuple(GrantFlow(f.protocol, doc.protocols[f.protocol].transport, tuple(f.ports or doc.protocols[f.protocol].ports),
+                            tuple(f.to)) for f in ctx.task.grant.flows)
+    shown = [f"{f.protocol} {f.transport}/{','.join(map(str, f.ports))} → {', '.join(f.to)}" for f in flows]
+    inputs = {"grant": shown, "addresses": list(d.addresses), "site_networks": list(ctx.r.site.lan_networks)}
+    address, problem = _device_address(ctx)
+    if problem:
+        return Check("protocol", FAIL, problem, inputs)
+    ctx.grant, ctx.grant_address = flows, address
+    return Check("protocol", PASS, f"grant from {address}: " + "; ".join(shown), inputs)
+
+
+def _device_address(ctx: _Context) -> tuple[str | None, str | None]:
+    """(the address lanes and grants use, or None with the reason it cannot be used)."""
+    d = ctx.r.device
+    if not d.addresses:
+        return None, f"{d.asset_id} has no LAN address in its passport"
+    address = d.addresses[0]
+    if ctx.r.site.lan_networks:
+        ip = ipaddress.ip_address(address)
+        if not any(ip in ipaddress.ip_network(n) for n in ctx.r.site.lan_networks):
+            return None, (f"{d.asset_id}'s address {address} is outside site {d.site}'s device networks "
+                          f"({', '.join(ctx.r.site.lan_networks)})")
+    return address, None
 
 
 def _check_change_window(ctx: _Context) -> Check:
@@ -426,6 +475,9 @@ def _check_duration(ctx: _Context) -> Check:
 def _check_concurrency(ctx: _Context) -> Check:
     limit, have = ctx.doc.limits.concurrent_sessions_per_user, ctx.r.user.active_sessions
     inputs = {"active_sessions": have, "limit": limit}
+    if ctx.task is not None and ctx.task.is_grant:
+        return Check("concurrency", NOT_APPLICABLE, "a grant is nobody's tunnel: it does not count against the "
+                     "per-person session limit", inputs)
     if have >= limit:
         return Check("concurrency", FAIL, f"you already have {have} session(s) open; the limit is {limit}", inputs)
     return Check("concurrency", PASS, f"{have} of {limit} sessions in use", inputs)

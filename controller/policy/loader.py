@@ -185,7 +185,26 @@ def _cross_check(doc: PolicyDocument, known: dict[str, set], origin: _Origin, pr
             for j, dest in enumerate(flow.to):
                 if dest not in known["destinations"]:
                     bad("device_types", name, ("baseline", i, "to", j), f"unknown destination {dest!r}")
+        if dt.commissioning is not None:
+            task = doc.tasks.get(dt.commissioning)
+            if dt.commissioning not in known["tasks"]:
+                bad("device_types", name, ("commissioning",), f"unknown task {dt.commissioning!r}")
+            elif task is not None and not task.is_grant:
+                bad("device_types", name, ("commissioning",), f"task {dt.commissioning!r} is not a grant task: "
+                    "commissioning opens a grant (a task with `grant`)")
+            elif task is not None and name not in task.device_types:
+                bad("device_types", name, ("commissioning",), f"task {dt.commissioning!r} is not for {name} "
+                    f"(its device_types: {', '.join(sorted(task.device_types))})")
     for name, task in doc.tasks.items():
+        for i, flow in enumerate(task.grant.flows if task.grant else ()):
+            if flow.protocol not in known["protocols"]:
+                bad("tasks", name, ("grant", "flows", i, "protocol"), f"unknown protocol {flow.protocol!r}")
+            for j, dest in enumerate(flow.to):
+                if dest not in known["destinations"]:
+                    bad("tasks", name, ("grant", "flows", i, "to", j), f"unknown destination {dest!r}")
+                elif dest in doc.destinations and not _reachable_v4(doc.destinations[dest]):
+                    bad("tasks", name, ("grant", "flows", i, "to", j), f"destination {dest!r} has only IPv6 addresses; "
+                        "agents enforce flows to IPv4 addresses and FQDNs only")
         for i, proto in enumerate(task.protocols):
             if proto not in known["protocols"]:
                 bad("tasks", name, ("protocols", i), f"unknown protocol {proto!r}")
@@ -206,6 +225,10 @@ def _cross_check(doc: PolicyDocument, known: dict[str, set], origin: _Origin, pr
         for i, t in enumerate(loc.tasks):
             if t not in known["tasks"]:
                 bad("locations", name, ("tasks", i), f"unknown task {t!r}")
+
+
+def _reachable_v4(dest) -> bool:
+    return bool(dest.fqdn) or any(":" not in a for a in dest.addresses)
 
 
 def _sorted(value):

@@ -20,9 +20,11 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
+    SerializerFunctionWrapHandler,
     StringConstraints,
     ValidationInfo,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -91,6 +93,21 @@ class _Entry(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class _Optional(_Entry):
+    """An entry with keys added after policies were first applied: left out of its content while unset, so
+    that every policy written before them keeps its version (and an applied one still loads)."""
+
+    _OMIT_UNSET: tuple[str, ...] = ()
+
+    @model_serializer(mode="wrap")
+    def _omit_unset(self, handler: SerializerFunctionWrapHandler) -> dict:
+        data = handler(self)
+        for key in self._OMIT_UNSET:
+            if data.get(key) is None:
+                data.pop(key, None)
+        return data
+
+
 class ProtocolDef(_Entry):
     """A protocol of the catalogue: how it travels and on which port(s) by default."""
 
@@ -126,12 +143,21 @@ class Flow(_Entry):
     ports: list[Port] | None = Field(default=None, max_length=8, description="instead of the protocol's default ports")
 
 
-class DeviceType(_Entry):
+class DeviceType(_Optional):
+    _OMIT_UNSET = ("commissioning",)
+
     title: Text
     description: Text = ""
     access: list[ProtocolName] = Field(min_length=1, max_length=16, description="protocols engineers' tasks may use to reach the device")
     baseline: list[Flow] = Field(default_factory=list, max_length=32)
     max_silence: Duration | None = Field(default=None, description="overrides limits.max_silence for this type")
+    commissioning: Name | None = Field(default=None, description="the grant task `wicket devices bind` opens for a device of this type")
+
+
+class Grant(_Entry):
+    """What a grant task gives the device for its time: flows like a baseline's, on top of the baseline."""
+
+    flows: list[Flow] = Field(min_length=1, max_length=16)
 
 
 class Approval(_Entry):
@@ -169,12 +195,17 @@ class DurationLimits(_Entry):
         return self
 
 
-class Task(_Entry):
-    """A job template engineers request: what they may do, on which devices, for how long."""
+class Task(_Optional):
+    """A job template: what engineers may do on which devices for how long (a lane), or, with `grant`, a
+    temporary change of the devices' own flows (a grant)."""
+
+    _OMIT_UNSET = ("grant",)
 
     title: Text
     description: Text = ""
-    protocols: list[ProtocolName] = Field(min_length=1, max_length=4)
+    protocols: list[ProtocolName] = Field(default_factory=list, max_length=4,
+                                          description="engineers' protocols to the device; a grant task has none")
+    grant: Grant | None = Field(default=None, description="a grant task: the flows it lets the device open")
     device_types: list[Name] = Field(min_length=1, max_length=64)
     roles: list[Role] = Field(min_length=1)
     duration: DurationLimits = DurationLimits(default=timedelta(minutes=15), max=timedelta(minutes=60))
@@ -191,6 +222,26 @@ class Task(_Entry):
         if "break_glass" in roles:
             raise ValueError("break_glass is not a role that requests tasks: set `break_glass: true` on the task instead")
         return roles
+
+    @model_validator(mode="after")
+    def _lane_or_grant(self) -> Task:
+        if self.grant is None:
+            if not self.protocols:
+                raise ValueError("a task needs protocols (engineers' access to the device), or `grant` (flows the device "
+                                 "may open for a while)")
+            return self
+        # A grant changes the device's own traffic; nobody tunnels in, so what describes a lane has no meaning here.
+        lane_only = [k for k, unset in (("protocols", not self.protocols), ("break_glass", not self.break_glass),
+                                        ("recording: payload", self.recording == "metadata"),
+                                        ("extensions", self.extensions.max_count == 0)) if not unset]
+        if lane_only:
+            raise ValueError(f"a grant task opens flows for the device, not a lane for an engineer: leave out "
+                             f"{', '.join(lane_only)}")
+        return self
+
+    @property
+    def is_grant(self) -> bool:
+        return self.grant is not None
 
 
 class WeeklyRule(_Entry):

@@ -33,7 +33,7 @@ EXAMPLE_POLICY = REPO / "docs" / "policy-example"
 
 
 def example_policy_files() -> dict[str, str]:
-    """The commented example policy of docs/policy.md: three device types, four tasks."""
+    """The commented example policy of docs/policy.md: three device types, seven tasks (three of them grants)."""
     return {p.name: p.read_text() for p in sorted(EXAMPLE_POLICY.glob("*.yaml"))}
 
 

@@ -61,6 +61,7 @@ from controller.sessions import READERS
 
 from . import session_helpers
 from .conftest import Harness, Person, example_policy_files
+from .helpers import iccid_for
 
 SQLITE = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # what it tests does not depend on the database
 
@@ -73,6 +74,9 @@ MISSING_ASSET = "NO-SUCH-ASSET"
 TASK = "iec104-diagnostics"
 APPROVAL_TASK = "der-commissioning"  # one approver
 NO_SESSION = "s-aaaaaaaaaaaa"  # a well-formed session ID that no session has
+NO_GROUP = "g-aaaaaaaaaaaa"  # … and a group ID no grant has
+GRANT_TASK = "der-commissioning-mqtt"  # no approval (but for contractors): opens at once
+APPROVAL_GRANT = "dlms-firmware-window"  # one approver
 MISSING_TOKEN = "nosuchtoken0"  # a well-formed join token ID that no token has
 
 CALLERS = ("anon", "garbage", "forged", "engineer", "engineer_s2", "contractor", "approver", "site_admin",
@@ -167,6 +171,9 @@ _ROWS = {
     "PATCH /api/v1/devices/{asset_id} @south":                     (401, 401, 401, 404, 403, 404, 404, 404, 200, 403, 200),
     "PATCH /api/v1/devices/{asset_id} @missing":                   (401, 401, 401, 404, 404, 404, 404, 404, 404, 404, 404),
     "PATCH /api/v1/devices/{asset_id} @north-to-south":            (401, 401, 401, 403, 404, 403, 403, 403, 404, 403, 200),
+    "POST /api/v1/devices/{asset_id}/bind @north":                 (401, 401, 401, 403, 404, 403, 403, 200, 404, 403, 200),
+    "POST /api/v1/devices/{asset_id}/bind @south":                 (401, 401, 401, 404, 403, 404, 404, 404, 200, 403, 200),
+    "POST /api/v1/devices/{asset_id}/bind @missing":               (401, 401, 401, 404, 404, 404, 404, 404, 404, 404, 404),
     "DELETE /api/v1/devices/{asset_id} @north":                    (401, 401, 401, 403, 404, 403, 403, 204, 404, 403, 204),
     "DELETE /api/v1/devices/{asset_id} @south":                    (401, 401, 401, 404, 403, 404, 404, 404, 204, 403, 204),
     "DELETE /api/v1/devices/{asset_id} @missing":                  (401, 401, 401, 404, 404, 404, 404, 404, 404, 404, 404),
@@ -248,6 +255,39 @@ _ROWS = {
     "GET /api/v1/nodes/{node}/desired @north":                     (401, 401, 401, 403, 404, 403, 403, 200, 404, 403, 200),
     "GET /api/v1/nodes/{node}/desired @south":                     (401, 401, 401, 404, 403, 404, 404, 404, 200, 403, 200),
     "GET /api/v1/nodes/{node}/desired @missing":                   (401, 401, 401, 404, 404, 404, 404, 404, 404, 404, 404),
+    # grants, as sessions: a request names devices the caller must see (else 404, before the step-up), and the policy
+    # decides after it: the commissioning task is for engineers, contractors and site admins, so an approver, the SOC
+    # and an admin are refused with the decision (403, recorded), and so is the contractor, whose requests must come
+    # from the partner gateway (a location rule; the test client has no address). @own: the caller's grant; @north,
+    # @south: another engineer's there, in the state the action needs (GRANT_NEEDS), named by its group for approve,
+    # activate and close; seeing it needs approver, site_admin, soc or admin there; answering: approver there, never
+    # the requester; activating and signing off: the requester; revoking: approver there, soc, admin.
+    "POST /api/v1/grants @north":                                  (401, 401, 401, 201, 404, 403, 403, 201, 404, 403, 403),
+    "POST /api/v1/grants @south":                                  (401, 401, 401, 404, 201, 404, 404, 404, 201, 403, 403),
+    "POST /api/v1/grants @missing":                                (401, 401, 401, 404, 404, 404, 404, 404, 404, 404, 404),
+    "GET /api/v1/grants":                                          (401, 401, 401, 200, 200, 200, 200, 200, 200, 200, 200),
+    "GET /api/v1/grants @all":                                     (401, 401, 401, 200, 200, 200, 200, 200, 200, 200, 200),
+    "GET /api/v1/grants/{ref} @own":                               (_,   _,   _,   200, 200, _,   _,   _,   _,   _,   _),
+    "GET /api/v1/grants/{ref} @north":                             (401, 401, 401, 404, 404, 404, 200, 200, 404, 200, 200),
+    "GET /api/v1/grants/{ref} @south":                             (401, 401, 401, 404, 404, 404, 404, 404, 200, 200, 200),
+    "GET /api/v1/grants/{ref} @missing":                           (401, 401, 401, 404, 404, 404, 404, 404, 404, 404, 404),
+    "POST /api/v1/grants/{ref}/approve @own":                      (_,   _,   _,   403, 403, _,   _,   _,   _,   _,   _),
+    "POST /api/v1/grants/{ref}/approve @north":                    (401, 401, 401, 404, 404, 404, 200, 403, 404, 403, 403),
+    "POST /api/v1/grants/{ref}/approve @south":                    (401, 401, 401, 404, 404, 404, 404, 404, 403, 403, 403),
+    "POST /api/v1/grants/{ref}/approve @missing":                  (401, 401, 401, 404, 404, 404, 404, 404, 404, 404, 404),
+    "POST /api/v1/grants/{ref}/reject @own":                       (_,   _,   _,   403, 403, _,   _,   _,   _,   _,   _),
+    "POST /api/v1/grants/{ref}/reject @north":                     (401, 401, 401, 404, 404, 404, 200, 403, 404, 403, 403),
+    "POST /api/v1/grants/{ref}/reject @missing":                   (401, 401, 401, 404, 404, 404, 404, 404, 404, 404, 404),
+    "POST /api/v1/grants/{ref}/activate @own":                     (_,   _,   _,   200, 200, _,   _,   _,   _,   _,   _),
+    "POST /api/v1/grants/{ref}/activate @north":                   (401, 401, 401, 404, 404, 404, 403, 403, 404, 403, 403),
+    "POST /api/v1/grants/{ref}/activate @missing":                 (401, 401, 401, 404, 404, 404, 404, 404, 404, 404, 404),
+    "POST /api/v1/grants/{ref}/close @own":                        (_,   _,   _,   200, 200, _,   _,   _,   _,   _,   _),
+    "POST /api/v1/grants/{ref}/close @north":                      (401, 401, 401, 404, 404, 404, 403, 403, 404, 403, 403),
+    "POST /api/v1/grants/{ref}/close @missing":                    (401, 401, 401, 404, 404, 404, 404, 404, 404, 404, 404),
+    "POST /api/v1/grants/{ref}/revoke @own":                       (_,   _,   _,   403, 403, _,   _,   _,   _,   _,   _),
+    "POST /api/v1/grants/{ref}/revoke @north":                     (401, 401, 401, 404, 404, 404, 200, 403, 404, 200, 200),
+    "POST /api/v1/grants/{ref}/revoke @south":                     (401, 401, 401, 404, 404, 404, 404, 404, 403, 200, 200),
+    "POST /api/v1/grants/{ref}/revoke @missing":                   (401, 401, 401, 404, 404, 404, 404, 404, 404, 404, 404),
     # accounts: admins only (the last row deletes the account the others aim at)
     "GET /api/v1/users":                                           (401, 401, 401, 403, 403, 403, 403, 403, 403, 403, 200),
     "POST /api/v1/users":                                          (401, 401, 401, 403, 403, 403, 403, 403, 403, 403, 201),
@@ -290,10 +330,12 @@ STEP_UP = {"POST /api/v1/auth/password", "POST /api/v1/auth/recovery-codes", "PO
            "POST /api/v1/devices", "POST /api/v1/devices/import", "PATCH /api/v1/devices/{asset_id}",
            "DELETE /api/v1/devices/{asset_id}", "POST /api/v1/policy/apply",
            "POST /api/v1/sessions", "POST /api/v1/break-glass", "POST /api/v1/sessions/{sid}/approve",
-           "POST /api/v1/sessions/{sid}/activate", "POST /api/v1/sessions/{sid}/extend", "POST /api/v1/sessions/{sid}/review"}
+           "POST /api/v1/sessions/{sid}/activate", "POST /api/v1/sessions/{sid}/extend", "POST /api/v1/sessions/{sid}/review",
+           "POST /api/v1/devices/{asset_id}/bind", "POST /api/v1/grants", "POST /api/v1/grants/{ref}/approve",
+           "POST /api/v1/grants/{ref}/activate"}
 # Refusals that are policy decisions, made (and recorded, with the decision) after the step-up, as a request's
-# denial is: break-glass by someone the policy does not let open it.
-DECIDED_AFTER_STEP_UP = {"POST /api/v1/break-glass"}
+# denial is: break-glass, or a grant, asked by someone the policy does not let open it. Route → the failure event.
+DECIDED_AFTER_STEP_UP = {"POST /api/v1/break-glass": "break_glass.open", "POST /api/v1/grants": "session.request"}
 
 
 # ---- where the application disagrees with the table ----
@@ -377,6 +419,8 @@ RENEW = {
     ("POST /api/v1/devices/import", "south-to-north"): "device:south",
     ("DELETE /api/v1/join-tokens/{token_id}", "north"): "token:north",
     ("DELETE /api/v1/join-tokens/{token_id}", "south"): "token:south",
+    ("POST /api/v1/devices/{asset_id}/bind", "north"): "device:north",  # bound once: another ICCID would need --rebind
+    ("POST /api/v1/devices/{asset_id}/bind", "south"): "device:south",
 }
 CSV_HEADER = "asset_id,device_type,site,addresses\n"
 # What a refused call must leave as it was: every row (a policy version by its content hash, not its files).
@@ -388,6 +432,8 @@ SESSION_STATE = [select(AccessSession.__table__).order_by(AccessSession.id), sel
                  select(LaneLease.__table__).order_by(LaneLease.session_id)]
 # The state a session must be in for a route to act on it: made afresh for each row, and again after a call used it up.
 SESSION_NEEDS = {"approve": "pending", "reject": "pending", "activate": "approved", "review": "break-glass"}
+GRANT_NEEDS = {"approve": "pending", "reject": "pending", "activate": "approved"}  # else active
+BY_GROUP = ("approve", "activate", "close")  # these rows name the grant by its group
 
 
 @dataclass
@@ -582,11 +628,13 @@ class World:
         path = path.replace("{policy_id}", "1" if target == "existing" else str(MISSING_ID))
         if "{sid}" in path:
             path = path.replace("{sid}", self.session_for(route, caller, target))
+        if "{ref}" in path:
+            path = path.replace("{ref}", self.grant_for(route, caller, target))
         if "{node}" in path:
             path = path.replace("{node}", self.stock.get(f"agent:{target}", "no-such-node"))
         params = ({"site": site} if target != "self" and route in (f"GET {API}/devices", f"GET {API}/devices/export", f"GET {API}/agents")
                   else None)
-        if route == "GET /api/v1/sessions":
+        if route in ("GET /api/v1/sessions", "GET /api/v1/grants"):
             params = {"limit": 1000, **({"scope": "all"} if target == "all" else {})}
         elif route == "GET /api/v1/audit/access":
             params = {"device": MISSING_ASSET}
@@ -638,6 +686,16 @@ class World:
                 body = {"csv": f"{CSV_HEADER}{self.stock['device:south']},substation-rtu,{SITE},10.20.0.99\n", "update": True}
             else:
                 body = {"csv": f"{CSV_HEADER}MADE-{n},substation-rtu,{site},{_made_address(n)}\n"}
+        elif route == "POST /api/v1/devices/{asset_id}/bind":
+            body = {"iccid": iccid_for(n)}
+        elif route == "POST /api/v1/grants":
+            self.session_setup()
+            self.devices_seen()
+            device = MISSING_ASSET if target == "missing" else self.session_devices[f"der:{target}"]
+            body = {"task": GRANT_TASK, "devices": [device], "reason": f"matrix grant {n}"}
+        elif route in ("POST /api/v1/grants/{ref}/approve", "POST /api/v1/grants/{ref}/reject",
+                       "POST /api/v1/grants/{ref}/close", "POST /api/v1/grants/{ref}/revoke"):
+            body = {"reason": f"matrix {route.rsplit('/', 1)[-1]} {n}"}
         elif route == "PATCH /api/v1/devices/{asset_id}":
             # @north-to-south: north-1's device, moved to south-2
             body = {"site": OTHER_SITE} if target == "north-to-south" else {"description": f"changed {n}"}
@@ -695,7 +753,7 @@ class World:
                 target.secret = re.search(r"secret=([A-Z2-7]+)", res.json()["otpauth_uri"]).group(1)
         elif route in ("POST /api/v1/sessions", "POST /api/v1/break-glass"):
             self.open_sessions.setdefault(caller, []).append(res.json()["id"])
-        elif "{sid}" in route and route != "GET /api/v1/sessions/{sid}":
+        elif ("{sid}" in route and route != "GET /api/v1/sessions/{sid}") or ("{ref}" in route and not route.startswith("GET")):
             self.slots.pop(self.last_slot, None)  # used up: the next caller gets a fresh one
 
     # ---- sessions for the calls to aim at ----
@@ -708,7 +766,7 @@ class World:
             return
         ctl = self.ctl
         for where, site in (("north", SITE), ("south", OTHER_SITE)):
-            for kind, device_type in (("rtu", "substation-rtu"), ("der", "der-gateway")):
+            for kind, device_type in (("rtu", "substation-rtu"), ("der", "der-gateway"), ("mc", "meter-concentrator")):
                 asset = f"S-{kind.upper()}-{where[0].upper()}"
                 ctl.add_device(asset, site, device_type=device_type, last_seen=_iso(ctl.t))
                 self.session_devices[f"{kind}:{where}"] = asset
@@ -735,15 +793,49 @@ class World:
             self.slots[key] = self.open_session(owner, where, SESSION_NEEDS.get(route.rsplit("/", 1)[-1], "active"))
         return self.slots[key]
 
-    def open_session(self, owner: str, where: str, need: str) -> str:
-        """A new session of `owner` at `where` in state `need` (active, pending, approved, break-glass); the
-        owner's earlier ones are closed first (the policy allows two open at a time)."""
+    def devices_seen(self) -> None:
         ctl = self.ctl
-        if ctl.t - self.seen_at > 12 * 3600:  # the policy refuses a device not seen for a day
+        if ctl.t - self.seen_at > 3 * 3600:  # the policy refuses a device not seen for a while (a meter concentrator: 6h)
             for asset in self.session_devices.values():
                 res = ctl.client.patch(f"{API}/devices/{asset}", json={"last_seen": _iso(ctl.t)}, headers=ctl.step_up_admin())
                 assert res.status_code == 200, res.text
             self.seen_at = ctl.t
+
+    def grant_for(self, route: str, caller: str, target: str) -> str:
+        """The grant (or, for BY_GROUP actions, its group) a call of `route` aims at, like `session_for`."""
+        action = route.rsplit("/", 1)[-1]
+        if target == "missing":
+            return NO_GROUP if action in BY_GROUP else NO_SESSION
+        self.session_setup()
+        owner = caller if target == "own" else f"owner:{target}"
+        where = ("south" if caller.endswith("_s2") else "north") if target == "own" else target
+        key = self.last_slot = (route, target, owner)
+        if key not in self.slots:
+            self.slots[key] = self.open_grant(owner, where, GRANT_NEEDS.get(action, "active"), by_group=action in BY_GROUP)
+        return self.slots[key]
+
+    def open_grant(self, owner: str, where: str, need: str, *, by_group: bool) -> str:
+        """A new grant of `owner` at `where` in state `need` (active, pending, approved): its ID, or its group's."""
+        self.devices_seen()
+        self.keep_logged_in(owner)
+        waits = need in ("pending", "approved")
+        body = {"task": APPROVAL_GRANT if waits else GRANT_TASK, "reason": "made by the authorisation matrix",
+                "devices": [self.session_devices[f"{'mc' if waits else 'der'}:{where}"]]}
+        res = self.stepped_up(owner, "POST", f"{API}/grants", body)
+        assert res.status_code == 201, res.text
+        (grant,) = res.json()["grants"]
+        assert grant["state"] == ("pending_approval" if waits else "active"), res.text
+        if need == "approved":
+            res = self.stepped_up(f"approver:{where}", "POST", f"{API}/grants/{grant['id']}/approve", {"reason": "made by the matrix"})
+            assert res.status_code == 200 and res.json()["grants"][0]["state"] == "approved", res.text
+        self.ctl.advance(30)  # whoever calls next sends a code from a step nobody has used
+        return grant["grant_group"] if by_group else grant["id"]
+
+    def open_session(self, owner: str, where: str, need: str) -> str:
+        """A new session of `owner` at `where` in state `need` (active, pending, approved, break-glass); the
+        owner's earlier ones are closed first (the policy allows two open at a time)."""
+        ctl = self.ctl
+        self.devices_seen()
         self.keep_logged_in(owner)
         for sid in self.open_sessions.pop(owner, []):
             self.call(owner, "POST", f"{API}/sessions/{sid}/close")  # 409 for one that has ended: fine
@@ -782,7 +874,7 @@ class World:
     def shown_too_much(self, route: str, caller: str, params: dict | None, res) -> str | None:
         """For a list, the sites it names must be exactly the caller's sites that have such objects; a list of
         sessions or the approval queue exactly the sessions the caller may see in it."""
-        if route in ("GET /api/v1/sessions", "GET /api/v1/approvals"):
+        if route in ("GET /api/v1/sessions", "GET /api/v1/approvals", "GET /api/v1/grants"):
             return self.sessions_shown_wrong(route, caller, params, res)
         if route == "GET /api/v1/agents":
             return self.agents_shown_wrong(caller, params, res)
@@ -829,10 +921,13 @@ class World:
         not yet answered by them."""
         me = self.people[caller]
         with self.ctl.app.state.auth.factory() as s:
-            rows = s.execute(select(AccessSession.id, AccessSession.user_id, AccessSession.site, AccessSession.state)).all()
+            query = select(AccessSession.id, AccessSession.user_id, AccessSession.site, AccessSession.state)
+            if route == "GET /api/v1/grants":
+                query = query.where(AccessSession.kind == "grant")
+            rows = s.execute(query).all()
             answered = set(s.scalars(select(SessionApproval.session_id).where(SessionApproval.approver_id == me.user_id,
                                                                               SessionApproval.kind == "request")))
-        if route == "GET /api/v1/sessions":
+        if route in ("GET /api/v1/sessions", "GET /api/v1/grants"):
             shown = {x["id"] for x in res.json()}
             sites = self.sites_with(caller, READERS) if (params or {}).get("scope") == "all" else set()
             want = {sid for sid, user_id, site, _state in rows if user_id == me.user_id or sites is None or site in sites}
@@ -890,10 +985,10 @@ class World:
             after = self.state()
             if decided:
                 if not self.only_denied_sessions_added(before, after):
-                    out.append(Mismatch(key, caller, "a denial", "changed", "a refused break-glass changed more than its record"))
-                if not any(e.type == "break_glass.open" and e.result == "failure" and e.actor_id == self.people[caller].user_id
+                    out.append(Mismatch(key, caller, "a denial", "changed", "a refused request changed more than its record"))
+                if not any(e.type == DECIDED_AFTER_STEP_UP[route] and e.result == "failure" and e.actor_id == self.people[caller].user_id
                            for e in found):
-                    out.append(Mismatch(key, caller, "recorded", "unrecorded", "a refused break-glass left no failure event"))
+                    out.append(Mismatch(key, caller, "recorded", "unrecorded", "a refused request left no failure event"))
             elif after != before:
                 out.append(Mismatch(key, caller, "unchanged", "changed", "a refused call changed an account, the inventory or a session"))
             if before_step_up and code is not None and self.steps_used(caller) != steps:

@@ -60,7 +60,7 @@ def test_policy_check_works_offline_and_names_file_and_line_of_every_problem(tmp
     version = load_files(example_policy_files()).version
     assert res.stdout.splitlines() == [
         f"Policy OK: version {version}",
-        "4 file(s): 13 protocols, 4 destinations, 3 device types, 4 tasks, 3 change windows, 2 locations"]
+        "4 file(s): 13 protocols, 4 destinations, 3 device types, 7 tasks, 3 change windows, 2 locations"]
 
     bad = tmp_path / "bad"
     shutil.copytree(EXAMPLE_POLICY, bad)
@@ -124,7 +124,7 @@ def test_policy_diff_apply_history_show_with_step_up(ctl, admin, tmp_path):
     assert re.match(r"2\s+sha256:\S+…\s+.*\sroot\s+4\s+longer diagnostics$", rows[1]) and rows[2].startswith("1 ")
     out = tmp_path / "out"
     res = admin("policy", "show", "--files", str(out))
-    assert res.exit_code == 0 and "2 (version sha256:" in res.stdout and "4 tasks" in res.stdout
+    assert res.exit_code == 0 and "2 (version sha256:" in res.stdout and "7 tasks" in res.stdout
     assert {p.name: p.read_text() for p in out.iterdir()} == applied
     (out / "tasks.yaml").write_text("local edit\n")
     res = admin("policy", "show", "--files", str(out))

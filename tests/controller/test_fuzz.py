@@ -622,6 +622,18 @@ class Run:
                 now = datetime.fromtimestamp(self.ctl.t, UTC)
                 params["sid"] = (self.pick_session(data, useful(self.admin.user_id, now)) or self.pick_session(data, None)
                                  or params["sid"])
+        if "ref" in params:
+            useful = USEFUL_GRANTS.get(label)
+            which = data.draw(st.integers(0, 5), label="which grant")  # 0-3 one it can act on, 4 any grant, 5 as generated
+            if which < 5:
+                now = datetime.fromtimestamp(self.ctl.t, UTC)
+                where = useful(self.admin.user_id, now) if which < 4 and useful else (AccessSession.kind == "grant",)
+                query = select(AccessSession.id, AccessSession.grant_group).where(*where).order_by(
+                    AccessSession.requested_at.desc(), AccessSession.reason, AccessSession.id)
+                with self.ctl.app.state.auth.factory() as s:
+                    found = self.pick_one(data, s.execute(query).all(), "grant")
+                if found is not None:
+                    params["ref"] = found[1] if data.draw(st.booleans(), label="by group") and found[1] else found[0]
         if "node" in params:
             params["node"] = self.pick(data, self.rows(select(NodeAgent.name).order_by(NodeAgent.name)), "node") or params["node"]
         case.path_parameters = params
@@ -813,7 +825,10 @@ def _evaluation(run: Run, body, data) -> dict:
 # Sessions: the fuzzing admin is engineer, approver and break_glass at SESSION_SITE, where two devices
 # the inventory routes leave alone pair with tasks of the example policy (SESSION_TASKS).
 SESSION_SITE = SITES[0]
-SESSION_DEVICES = {"SES-RTU": ("substation-rtu", "10.20.250.1"), "SES-DER": ("der-gateway", "10.20.250.2")}
+SESSION_DEVICES = {"SES-RTU": ("substation-rtu", "10.20.250.1"), "SES-DER": ("der-gateway", "10.20.250.2"),
+                   "SES-MC": ("meter-concentrator", "10.20.250.3")}
+GRANT_TASKS = (("SES-DER", "der-commissioning-mqtt"),  # no approval: opens at once
+               ("SES-MC", "dlms-firmware-window"))  # one approver
 SESSION_TASKS = (("SES-RTU", "iec104-diagnostics"),  # no approval: opens at once (or stays approved, activate=false)
                  ("SES-DER", "der-commissioning"),  # one approver
                  ("SES-RTU", "rtu-config-change"))  # two approvers, a change window, a source network
@@ -860,6 +875,27 @@ def _activation(run: Run, body, data) -> dict:
     return {"public_key": _own_key(data)}
 
 
+def _grant_body(run: Run, body, data) -> dict:
+    usual = data.draw(st.integers(0, 3), label="usual grant") > 0
+    device, task = data.draw(st.sampled_from(GRANT_TASKS), label="grant") if usual else _session_target(run, data)
+    out = {"task": task, "duration": data.draw(SESSION_DURATIONS, label="duration"),
+           "reason": _text(body, "reason", f"campaign {_n(run)}"), "activate": data.draw(st.booleans(), label="activate")}
+    if data.draw(st.integers(0, 3), label="by type") == 0:
+        policy = run.ctl.app.state.policies.active()
+        return {**out, "site": SESSION_SITE, "device_type": policy.document.tasks[task].device_types[0]
+                if task in policy.document.tasks else "der-gateway"}
+    return {**out, "devices": [device]}
+
+
+def _bind_body(run: Run, body, data) -> dict:
+    n = _n(run)
+    iccid = f"8945{n:015d}"
+    out = {"iccid": iccid + luhn_digit(iccid), "rebind": data.draw(st.booleans(), label="rebind")}
+    if data.draw(st.booleans(), label="imsi"):
+        out["imsis"] = [f"2620{n:011d}"]
+    return out
+
+
 def _extension(run: Run, body, data) -> dict:
     policy = run.ctl.app.state.policies.active()
     codes = sorted({code for task in policy.document.tasks.values() if task.extensions for code in task.extensions.reason_codes})
@@ -884,6 +920,8 @@ PLAUSIBLE: dict[str, Callable] = {  # label → (run, generated body, data) → 
     "POST /api/v1/break-glass": _break_glass_body,
     "POST /api/v1/sessions/{sid}/activate": _activation,
     "POST /api/v1/sessions/{sid}/extend": _extension,
+    "POST /api/v1/grants": _grant_body,
+    "POST /api/v1/devices/{asset_id}/bind": _bind_body,
 }
 
 
@@ -943,6 +981,16 @@ USEFUL_SESSIONS: dict[str, Callable] = {
                                                            S.state != "denied"),
     "GET /api/v1/sessions/{sid}/recording": lambda me, now: (S.id.in_(select(SessionRecording.session_id)),),
 }
+# The same for the grant routes ({ref}: a grant, or its group)
+USEFUL_GRANTS: dict[str, Callable] = {
+    "GET /api/v1/grants/{ref}": lambda me, now: (S.kind == "grant",),
+    "POST /api/v1/grants/{ref}/approve": lambda me, now: (S.kind == "grant", S.state == "pending_approval", S.user_id != me),
+    "POST /api/v1/grants/{ref}/reject": lambda me, now: (S.kind == "grant", S.state == "pending_approval", S.user_id != me),
+    "POST /api/v1/grants/{ref}/activate": lambda me, now: (S.kind == "grant", S.state == "approved", S.user_id == me,
+                                                           S.expires_at > now),
+    "POST /api/v1/grants/{ref}/close": lambda me, now: (S.kind == "grant", S.state.in_(OPEN), S.user_id == me),
+    "POST /api/v1/grants/{ref}/revoke": lambda me, now: (S.kind == "grant", S.state.in_(OPEN)),
+}
 # label → the sessions made just before the operation runs: a few more than its requests use up
 TOP_UP: dict[str, tuple[tuple[str, int], ...]] = {
     "POST /api/v1/sessions": (),
@@ -958,6 +1006,13 @@ TOP_UP: dict[str, tuple[tuple[str, int], ...]] = {
     "POST /api/v1/sessions/{sid}/review": (("break-glass", 4),),
     "GET /api/v1/devices/{asset_id}/access": (("active", 1),),
     "GET /api/v1/sessions/{sid}/recording": (("recorded", 1),),
+    "POST /api/v1/grants": (),
+    "GET /api/v1/grants/{ref}": (("grant active", 1),),
+    "POST /api/v1/grants/{ref}/approve": (("grant pending", 6),),
+    "POST /api/v1/grants/{ref}/reject": (("grant pending", 6),),
+    "POST /api/v1/grants/{ref}/activate": (("grant approved", 4),),
+    "POST /api/v1/grants/{ref}/close": (("grant active", 3),),
+    "POST /api/v1/grants/{ref}/revoke": (("grant pending", 2), ("grant active", 2)),
 }
 ADMIN_ROLES = (("admin", None), ("approver", SESSION_SITE), ("break_glass", SESSION_SITE), ("engineer", SESSION_SITE))
 REQUESTER_ROLES = (("break_glass", SESSION_SITE), ("engineer", SESSION_SITE))
@@ -1005,6 +1060,9 @@ class SessionPool:
 
     def make(self, kind: str, admin: Principal) -> None:
         n = next(self.counter)
+        if kind.startswith("grant"):
+            self.make_grant(kind, admin, n)
+            return
         if kind in ("pending", "own pending"):
             caller = admin if kind == "own pending" else self.principal(self.other_engineer())
             row = self.service.request(caller, asset_id="SES-DER", task="der-commissioning", duration=None, reason=f"commissioning {n}",
@@ -1028,6 +1086,21 @@ class SessionPool:
                     s.add(SessionRecording(node="fuzz", ident=f"fuzz-{n}", session_id=row.id, sha256="0" * 64, size=24,
                                            path=str(path), received_at=datetime.now(UTC)))
         assert row.state == expected, (kind, row.state, row.decision)
+
+    def make_grant(self, kind: str, admin: Principal, n: int) -> None:
+        """A grant the admin opened (active), asked for and had approved by pool.appr (approved), or another
+        engineer's waiting for approval (pending)."""
+        grants = self.ctl.app.state.grants
+        caller = self.principal(self.other_engineer()) if kind == "grant pending" else admin
+        device, task = GRANT_TASKS[0] if kind == "grant active" else GRANT_TASKS[1]
+        rows = grants.request(caller, task=task, devices={device: SESSION_SITE}, duration=None, reason=f"grant {n}",
+                              source=None).rows
+        if kind == "grant approved":
+            with self.factory() as s:
+                approver = s.scalar(select(User.id).where(User.username == "pool.appr"))
+            rows = grants.answer(self.principal(approver), rows[0].id, approve=True, reason="pool", source=None)
+        expected = {"grant active": "active", "grant approved": "approved", "grant pending": "pending_approval"}[kind]
+        assert rows[0].state == expected, (kind, rows[0].state, rows[0].decision)
 
     def principal(self, user_id: int) -> Principal:
         with self.factory() as s:

@@ -197,6 +197,7 @@ def test_apply_refuses_a_policy_that_strands_the_inventory(ctl):
     def no_der(docs):
         del where(docs, "device_types")["der-gateway"]
         del where(docs, "tasks")["der-commissioning"]
+        del where(docs, "tasks")["der-commissioning-mqtt"]
 
     def no_weeknights(docs):
         del where(docs, "change_windows")["weeknights"]

@@ -35,14 +35,15 @@ def _evidence_records(ctl, sid: str) -> list[Event]:
             ["session.evidence", "session.anomaly"])).order_by(Event.seq)))
 
 
-def _deliver(ctl, sid: str, key: Ed25519PrivateKey, end_reason: str = "removed", bytes_out: int = 1000) -> dict:
-    """Store a lane evidence record as the link does after checking its signature."""
+def _deliver(ctl, sid: str, key: Ed25519PrivateKey, end_reason: str = "removed", bytes_out: int = 1000, **extra) -> dict:
+    """Store a lane evidence record as the link does after checking its signature (`extra`: more fields, e.g.
+    a grant's `scope` and `destinations`)."""
     body = {"kind": "lane_evidence", "node_id": NODE, "session_id": sid, "end_reason": end_reason,
             "opened_at": "2026-11-26T10:00:00Z", "closed_at": "2026-11-26T10:05:00Z",
             "totals": {"packets_out": 10, "bytes_out": bytes_out, "packets_in": 8, "bytes_in": 640,
                        "packets_refused": 3, "bytes_refused": 180},
             "blocked": [{"destination": "10.20.0.18", "proto": "tcp", "port": 502, "packets": 3}],
-            "wireguard": {"rx_bytes": 2000, "tx_bytes": 1500, "handshakes_observed": 1}, "flows": []}
+            "wireguard": {"rx_bytes": 2000, "tx_bytes": 1500, "handshakes_observed": 1}, "flows": [], **extra}
     ident = f"{sid}-{end_reason}"
     text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     sig = key.sign(EVIDENCE_SIGNATURE_CONTEXT + ident.encode() + b"\n" + text.encode())

@@ -100,7 +100,9 @@ class HttpError(AssertionError):
 
 class LabController:
     def __init__(self, lab: Lab, workdir: str | os.PathLike, *, engineers: int = 1, default_s: int = 40,
-                 heartbeat_s: int = 1, ack_timeout_s: int = 5, tick_ms: int = 250, role: str = CONTROLLER_ROLE):
+                 heartbeat_s: int = 1, ack_timeout_s: int = 5, tick_ms: int = 250, role: str = CONTROLLER_ROLE,
+                 policy_files: dict[str, str] | None = None, devices: tuple[dict, ...] = (),
+                 people: tuple[tuple[str, str], ...] = ()):
         from controller.settings import load
 
         self.lab, self.role = lab, role
@@ -115,6 +117,7 @@ class LabController:
         }
         self.settings = load({**self.env, "WICKET_SESSION_TICK_MS": "0", "WICKET_LINK_LISTEN": "off"})
         self.default_s, self.n_engineers = default_s, engineers
+        self.policy_files, self.extra_devices, self.extra_people = policy_files, devices, people
         self.proc: subprocess.Popen | None = None
         self.log_path = self.dir / "controller.log"
         self.app = None
@@ -133,21 +136,28 @@ class LabController:
         state = self.app.state
         self.people["root"] = Person("root", totp_secret(boot.enrolment.otpauth_uri))
         self.root = state.auth.login("root", PASSWORD, code=self.people["root"].code()).principal
-        state.policies.apply(self.root, policy(self.default_s), "lab", None)
+        state.policies.apply(self.root, self.policy_files or policy(self.default_s), "lab", None)
         state.inventory.create_site(self.root, SiteCreate(
             name=SITE, display_name="North 1 substation", tunnel_pool=TUNNEL_POOL, port_min=51000, port_max=51199,
             public_endpoint=self.lab.router_wan, lan_networks=["192.0.2.0/24"]), None)
         state.inventory.create_device(self.root, DeviceCreate(
             asset_id=DEVICE, site=SITE, device_type="substation-rtu", addresses=[self.lab.addr("rtu1")],
             lifecycle="active", last_seen=datetime.now(UTC)), None)
+        for extra in self.extra_devices:  # more devices: {"asset_id", "device_type", "role" (lab host), "lifecycle"}
+            state.inventory.create_device(self.root, DeviceCreate(
+                asset_id=extra["asset_id"], site=SITE, device_type=extra["device_type"], addresses=[self.lab.addr(extra["role"])],
+                lifecycle=extra.get("lifecycle", "active"), last_seen=datetime.now(UTC)), None)
         self._person("alex", "approver")
+        for username, role in self.extra_people:
+            self._person(username, role)
         for i in range(self.n_engineers):
             self._person(f"erin{i}" if i else "erin", "engineer")
         return self
 
     def _person(self, username: str, role: str) -> Person:
         users = self.app.state.users
-        user = users.create(self.root, username=username, display_name=username.title(), password=PASSWORD, roles=[(role, SITE)])
+        site = None if role in ("soc", "admin") else SITE  # those two roles hold for every site
+        user = users.create(self.root, username=username, display_name=username.title(), password=PASSWORD, roles=[(role, site)])
         person = Person(username, totp_secret(users.enrol_totp(self.root, user.id).otpauth_uri))
         self.people[username] = person
         return person
