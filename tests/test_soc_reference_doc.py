@@ -135,7 +135,7 @@ def test_the_sinks_example_loads_and_shows_every_setting(tmp_path):
     assert not missing, f"sink settings not described in docs/siem-export.md: {missing}"
 
 
-@pytest.mark.parametrize("doc", ["siem-export.md", "soc-reference.md"])
+@pytest.mark.parametrize("doc", ["siem-export.md", "soc-reference.md", "device-baselines.md"])
 def test_links_to_other_docs_resolve(doc):
     text = (REPO / "docs" / doc).read_text()
     for target, anchor in re.findall(r"\]\(([\w.-]+\.md)?(?:#([\w-]+))?\)", text):
