@@ -61,3 +61,33 @@ def _built_lab(**kw):
         pytest.fail(
             f"lab {built.run_id} cleanup incomplete: {'; '.join(built.cleanup_errors)}", pytrace=False
         )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Kernel tests: throwaway named namespaces ("wkt-k<rand>-<role>", swept like lab runs if a run crashes).
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def ns():
+    from tests.kernelns import Namespaces
+
+    spaces = Namespaces()
+    try:
+        yield spaces
+    finally:
+        spaces.cleanup()
+
+
+@pytest.fixture
+def inside(ns):
+    """Run the test body with this thread inside a fresh namespace."""
+    from nodeagent import netns
+
+    name = ns.add("a")
+    fd = ns.fd(name)
+    try:
+        with netns.entered(fd):
+            yield name
+    finally:
+        os.close(fd)

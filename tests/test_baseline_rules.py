@@ -10,14 +10,12 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from nodeagent import netns
 from nodeagent.baseline import Baselines, Model, build, chain_name, diff, read_model, set_name
 from nodeagent.errors import FirewallError
 from nodeagent.firewall import Firewall
 from nodeagent.grants import GRANT_MARK, wanted_keys
 from nodeagent.naming import Naming
 from nodeagent.wire import BaselineState, GrantSpec
-from tests.test_kernel_dataplane import Namespaces
 
 NAMES = {"mdm.grid.example": ["198.51.100.20", "198.51.100.21"]}
 
@@ -180,21 +178,6 @@ def test_the_same_desired_state_again_only_re_resolves_its_destinations(monkeypa
 
 # ---- against the real kernel ----
 
-
-
-@pytest.fixture
-def inside():
-    spaces = Namespaces()
-    try:
-        name = spaces.add("b")
-        fd = spaces.fd(name)
-        try:
-            with netns.entered(fd):
-                yield name
-        finally:
-            os.close(fd)
-    finally:
-        spaces.cleanup()
 
 
 @pytest.mark.kernel

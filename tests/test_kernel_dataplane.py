@@ -7,7 +7,6 @@ import errno
 import json
 import os
 import re
-import secrets
 import socket
 import subprocess
 import time
@@ -26,57 +25,6 @@ pytestmark = [
     pytest.mark.kernel,
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
 ]
-
-
-class Namespaces:
-    """Throwaway named namespaces ("wkt-k<rand>-<role>", swept by the lab's sweeper if a run crashes)."""
-
-    def __init__(self):
-        self.run = "k" + secrets.token_hex(3)[:5]
-        self.names: list[str] = []
-
-    def add(self, role: str) -> str:
-        name = f"wkt-{self.run}-{role}"
-        subprocess.run(["ip", "netns", "add", name], check=True)
-        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
-        self.names.append(name)
-        return name
-
-    def fd(self, name: str) -> int:
-        return os.open(f"/run/netns/{name}", os.O_RDONLY | os.O_CLOEXEC)
-
-    def exec(self, name: str, *argv: str, **kw) -> subprocess.CompletedProcess:
-        return subprocess.run(["ip", "netns", "exec", name, *argv], capture_output=True, text=True, **kw)
-
-    def cleanup(self) -> None:
-        for name in self.names:
-            for pid in subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split():
-                try:
-                    os.kill(int(pid), 9)
-                except ProcessLookupError:
-                    pass
-            subprocess.run(["ip", "netns", "del", name], capture_output=True)
-
-
-@pytest.fixture
-def ns():
-    spaces = Namespaces()
-    try:
-        yield spaces
-    finally:
-        spaces.cleanup()
-
-
-@pytest.fixture
-def inside(ns):
-    """Run the test body with this thread inside a fresh namespace."""
-    name = ns.add("a")
-    fd = ns.fd(name)
-    try:
-        with netns.entered(fd):
-            yield name
-    finally:
-        os.close(fd)
 
 
 # ---- rtnetlink ----
