@@ -60,7 +60,7 @@ def test_policy_check_works_offline_and_names_file_and_line_of_every_problem(tmp
     version = load_files(example_policy_files()).version
     assert res.stdout.splitlines() == [
         f"Policy OK: version {version}",
-        "4 file(s): 13 protocols, 4 destinations, 3 device types, 7 tasks, 3 change windows, 2 locations"]
+        "4 file(s): 13 protocols, 6 destinations, 3 device types, 7 tasks, 3 change windows, 2 locations"]
 
     bad = tmp_path / "bad"
     shutil.copytree(EXAMPLE_POLICY, bad)

@@ -208,10 +208,11 @@ class Engineer:
         return self.lab.spawn(self.role, py("tests.lab.traffic", *args), stdout=subprocess.PIPE, text=True)
 
 
-def serve(lab: Lab, role: str, tcp=(2404,), udp=(), sink=()) -> subprocess.Popen:
+def serve(lab: Lab, role: str, tcp=(2404,), udp=(), sink=(), push=()) -> subprocess.Popen:
     proc = lab.spawn(
         role,
-        py("tests.lab.traffic", "serve", "--tcp", ",".join(map(str, tcp)), "--udp", ",".join(map(str, udp)), "--sink", ",".join(map(str, sink))),
+        py("tests.lab.traffic", "serve", "--tcp", ",".join(map(str, tcp)), "--udp", ",".join(map(str, udp)), "--sink", ",".join(map(str, sink)),
+           "--push", ",".join(map(str, push))),
         stdout=subprocess.PIPE,
         text=True,
     )

@@ -1,9 +1,13 @@
 """Traffic tools that run inside lab namespaces: `python -m tests.lab.traffic COMMAND …`.
 
-  serve --tcp 2404,502 [--udp 20000] [--sink 9000]   echo servers (and a TCP sink that counts bytes)
+  serve --tcp 2404,502 [--udp 20000] [--sink 9000] [--push 8080]
+                                                    echo servers (a TCP sink that counts bytes; a server that
+                                                    sends a line every 50 ms and never reads)
   probe HOST PORT [--udp] [--timeout S]             prints open | refused | prohibited | timeout | unreachable
   hold HOST PORT --seconds S                        one TCP connection, a line every 50 ms; prints JSON
                                                     {"last_ok": wall, "broken": wall|null, "error": ...}
+  listen HOST PORT --seconds S                      one TCP connection the peer talks on (a `--push` server):
+                                                    prints {"last_rx": wall, "broken": wall|null, "error": ...}
   blast HOST PORT --count N --size S                UDP datagrams; prints {"sent": N, "payload_bytes": …}
   send HOST PORT --bytes B                          TCP bulk send to a sink; prints {"sent": B}
 Used by the lab tests, the benchmarks and the demo.
@@ -27,6 +31,7 @@ def main(argv=None) -> int:
     s.add_argument("--tcp", default="")
     s.add_argument("--udp", default="")
     s.add_argument("--sink", default="")
+    s.add_argument("--push", default="")
     pr = sub.add_parser("probe")
     pr.add_argument("host")
     pr.add_argument("port", type=int)
@@ -36,6 +41,10 @@ def main(argv=None) -> int:
     h.add_argument("host")
     h.add_argument("port", type=int)
     h.add_argument("--seconds", type=float, required=True)
+    li = sub.add_parser("listen")
+    li.add_argument("host")
+    li.add_argument("port", type=int)
+    li.add_argument("--seconds", type=float, required=True)
     b = sub.add_parser("blast")
     b.add_argument("host")
     b.add_argument("port", type=int)
@@ -46,7 +55,7 @@ def main(argv=None) -> int:
     se.add_argument("port", type=int)
     se.add_argument("--bytes", type=int, required=True)
     args = p.parse_args(argv)
-    return {"serve": serve, "probe": probe, "hold": hold, "blast": blast, "send": send}[args.cmd](args)
+    return {"serve": serve, "probe": probe, "hold": hold, "listen": listen, "blast": blast, "send": send}[args.cmd](args)
 
 
 def _ports(text: str) -> list[int]:
@@ -60,6 +69,8 @@ def serve(args) -> int:
         threading.Thread(target=_tcp_server, args=(port, False), daemon=True).start()
     for port in _ports(args.udp):
         threading.Thread(target=_udp_echo, args=(port,), daemon=True).start()
+    for port in _ports(args.push):
+        threading.Thread(target=_tcp_push_server, args=(port,), daemon=True).start()
     time.sleep(0.1)
     print("ready", flush=True)
     threading.Event().wait()
@@ -84,6 +95,53 @@ def _tcp_conn(conn: socket.socket, echo: bool) -> None:
                     conn.sendall(data)
         except OSError:
             pass
+
+
+def _tcp_push_server(port: int) -> None:
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("0.0.0.0", port))
+    srv.listen(16)
+    while True:
+        conn, _ = srv.accept()
+        threading.Thread(target=_push, args=(conn,), daemon=True).start()
+
+
+def _push(conn: socket.socket) -> None:
+    with conn:
+        try:
+            n = 0
+            while True:
+                conn.sendall(f"tick {n}\n".encode())
+                n += 1
+                time.sleep(0.05)
+        except OSError:
+            pass
+
+
+def listen(args) -> int:
+    result = {"connected": None, "last_rx": None, "broken": None, "error": None}
+    try:
+        s = socket.create_connection((args.host, args.port), timeout=2)
+    except OSError as exc:
+        result["error"] = f"connect: {exc}"
+        print(json.dumps(result), flush=True)
+        return 0
+    result["connected"] = time.time()
+    s.settimeout(0.5)
+    end = time.time() + args.seconds
+    try:
+        while time.time() < end:
+            if not s.recv(4096):
+                raise ConnectionResetError("closed by peer")
+            result["last_rx"] = time.time()
+    except OSError as exc:
+        result["broken"] = time.time()
+        result["error"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        s.close()
+    print(json.dumps(result), flush=True)
+    return 0
 
 
 def _udp_echo(port: int) -> None:
