@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from nodeagent.wire import PROTOCOL_VERSION
 from tests.lab.controller import LabController, conf_value, ts
 from tests.lab.site import NODE_ID, AgentProcess, Engineer, router_leftovers, serve, wait_for
 
@@ -49,7 +50,7 @@ def product(product_lab, tmp_path):
 def test_an_enrolled_agent_takes_its_lanes_over_the_link(product):
     lab, ctl, agent, engineer = product
     [row] = ctl.agents()
-    assert row["connected"] and row["enrolled_at"] and row["protocol_version"] == 3, row
+    assert row["connected"] and row["enrolled_at"] and row["protocol_version"] == PROTOCOL_VERSION, row
     active = ctl.open_session()
     sid = active["id"]
     assert active["state"] == "active" and active["node"] == NODE_ID, active

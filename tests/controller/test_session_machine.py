@@ -73,9 +73,9 @@ from controller.policy.durations import parse_duration
 from .conftest import Harness, Person
 
 API = "/api/v1"
-# Examples per database, for about 50 s each on two cores: a PostgreSQL step costs about twice a SQLite one.
+# Examples per database, for about 35 s each on two cores: a PostgreSQL step costs about twice a SQLite one.
 # More for a deeper search: WICKET_MACHINE_EXAMPLES=200 (docs/testing.md).
-EXAMPLES = {"sqlite": 18, "postgresql": 7}
+EXAMPLES = {"sqlite": 12, "postgresql": 5}
 STEPS = 30
 
 
