@@ -339,10 +339,9 @@ class Agent:
         except ImportError as exc:
             log.error("FQDN destinations cannot be resolved (%s): they stay empty, so flows to them are denied", exc)
             return None
-        servers = [_server(x) for x in self.cfg.dns_servers.split(",") if x.strip()] or None
-        watcher = NameWatcher(servers, min_ttl_s=self.cfg.dns_min_ttl_s, max_ttl_s=self.cfg.dns_max_ttl_s,
+        watcher = NameWatcher(self.cfg.dns_server_list(), min_ttl_s=self.cfg.dns_min_ttl_s, max_ttl_s=self.cfg.dns_max_ttl_s,
                               stale_s=self.cfg.dns_stale_s)
-        return Names(watcher, on_change=lambda: None)
+        return Names(watcher)
 
     def _control_lost(self) -> bool:
         return bool(self.cfg.strict_after_s and self.link is not None and self.link.silent_for() >= self.cfg.strict_after_s)
@@ -396,7 +395,3 @@ class Agent:
         p.write_text(f"{self.clock.wall():.3f}")
 
 
-
-def _server(text: str) -> tuple[str, int]:
-    host, _, port = text.strip().rpartition(":") if text.count(":") == 1 else (text.strip(), "", "53")
-    return host, int(port or 53)

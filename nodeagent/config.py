@@ -52,6 +52,20 @@ class AgentConfig:
     # refused attempts by devices are read, aggregated and reported to the controller this often
     breach_report_s: float = 60.0
 
+    def dns_server_list(self) -> list[tuple[str, int]] | None:
+        """`dns_servers` as (address, port) pairs; None: use /etc/resolv.conf's. ConfigError names a bad one."""
+        out = []
+        for server in filter(None, (x.strip() for x in self.dns_servers.split(","))):
+            host, _, port = server.rpartition(":") if server.count(":") == 1 else (server, "", "53")
+            try:
+                ipaddress.ip_address(host)
+                if not 1 <= int(port) <= 65535:
+                    raise ValueError
+            except ValueError:
+                raise ConfigError(f"dns_servers: {server!r} is not ip[:port]") from None
+            out.append((host, int(port)))
+        return out or None
+
     @property
     def control_socket(self) -> str:
         return str(Path(self.state_dir) / "control.sock")
@@ -68,14 +82,7 @@ class AgentConfig:
             raise ConfigError("strict_after_s: 0 (off) or seconds between 5 and 604800")
         if not 65536 <= self.recording_cap_bytes <= 4 << 30:
             raise ConfigError("recording_cap_bytes: between 65536 and 4294967296")
-        for server in filter(None, (x.strip() for x in self.dns_servers.split(","))):
-            host, _, port = server.rpartition(":") if server.count(":") == 1 else (server, "", "53")
-            try:
-                ipaddress.ip_address(host)
-                if not 1 <= int(port) <= 65535:
-                    raise ValueError
-            except ValueError:
-                raise ConfigError(f"dns_servers: {server!r} is not ip[:port]") from None
+        self.dns_server_list()
         if not 1 <= self.dns_min_ttl_s <= self.dns_max_ttl_s <= 86400:
             raise ConfigError("dns_min_ttl_s and dns_max_ttl_s: 1 ≤ min ≤ max ≤ 86400 seconds")
         if not 0 <= self.dns_stale_s <= 7 * 86400:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 
 from .baseline import Baselines
@@ -35,8 +34,8 @@ log = logging.getLogger("wicket.agent.devices")
 class Names:
     """A NameWatcher run on its own thread; the loop reads a snapshot."""
 
-    def __init__(self, watcher, on_change: Callable[[], None]):
-        self.watcher, self.on_change = watcher, on_change
+    def __init__(self, watcher):
+        self.watcher = watcher
         self._lock = threading.Lock()
         self._snapshot: dict[str, list[str]] = {}
         self._status: list[NameStatus] = []
@@ -98,8 +97,6 @@ class Names:
                 self._snapshot = {f: self.watcher.addresses(f) for f in self._snapshot}
                 self._status = self.watcher.status()
                 self._changed += [c for c in changed if c not in self._changed]
-            if changed:
-                self.on_change()
 
 
 class DeviceTraffic:

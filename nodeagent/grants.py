@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -24,7 +23,8 @@ from .clock import Clock
 from .errors import FirewallError
 from .evidence import Harvest, flow_to_dict, merge_flows
 from .firewall import Firewall
-from .state import StateDir
+from .naming import MARK_ID, mark_id
+from .state import StateDir, write_atomic
 from .wire import (
     BaselineState,
     BlockedAttempt,
@@ -38,7 +38,6 @@ from .wire import (
 log = logging.getLogger("wicket.agent.grants")
 
 GRANT_MARK = 0x58000000  # ct mark class of grant connections (lanes use 0x56/0x57)
-MARK_ID = 0x00FFFFFF
 MAX_BLOCKED = 256
 Key = tuple[str, str, str, int]  # device, destination, protocol, port
 
@@ -329,23 +328,10 @@ class Grants:
     # ---- helpers ----
 
     def _mark(self, session_id: str) -> int:
-        taken = {r.mark for r in self.records.values()}
-        start = int.from_bytes(hashlib.blake2b(session_id.encode(), digest_size=4).digest(), "big") & MARK_ID
-        for i in range(MARK_ID):
-            mark = GRANT_MARK | (((start + i) % MARK_ID) or 1)
-            if mark not in taken:
-                return mark
-        raise RuntimeError("no free grant mark")
+        return GRANT_MARK | mark_id(session_id, {r.mark & MARK_ID for r in self.records.values()})
 
     def _save(self, rec: GrantRecord) -> None:
-        p = self.dir / f"{rec.session_id}.json"
-        tmp = p.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(asdict(rec)))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
+        write_atomic(self.dir / f"{rec.session_id}.json", json.dumps(asdict(rec)), durable=True)
 
 
 __all__ = ["GRANT_MARK", "GrantRecord", "Grants", "grant_name", "wanted_keys"]

@@ -82,7 +82,7 @@ class StateDir:
         return DesiredNodeState.model_validate_json(p.read_text())
 
     def save_desired(self, desired: DesiredNodeState, raw: str | None = None) -> None:
-        _write(self.root / "desired.json", raw if raw is not None else desired.model_dump_json())
+        write_atomic(self.root / "desired.json", raw if raw is not None else desired.model_dump_json())
 
     # ---- lanes ----
 
@@ -97,7 +97,7 @@ class StateDir:
         return out
 
     def save_lane(self, rec: LaneRecord) -> None:
-        _write(self.root / "lanes" / f"{rec.session_id}.json", json.dumps(asdict(rec)))  # asdict skips the cache
+        write_atomic(self.root / "lanes" / f"{rec.session_id}.json", json.dumps(asdict(rec)))  # asdict skips the cache
 
     def drop_lane(self, session_id: str) -> None:
         _unlink(self.root / "lanes" / f"{session_id}.json")
@@ -116,7 +116,7 @@ class StateDir:
         return self._closed
 
     def mark_closed(self, session_id: str, until_wall: float) -> None:
-        _write(self.root / "closed" / f"{session_id}.json", json.dumps({"until": until_wall}), durable=True)
+        write_atomic(self.root / "closed" / f"{session_id}.json", json.dumps({"until": until_wall}), durable=True)
         self.closed()[session_id] = until_wall
 
     def forget_closed(self, session_id: str) -> None:
@@ -138,7 +138,7 @@ class StateDir:
         return self._removed
 
     def mark_removed(self, session_id: str, revision: int, at_wall: float) -> None:
-        _write(self.root / "removed" / f"{session_id}.json", json.dumps({"revision": revision, "at": at_wall}), durable=True)
+        write_atomic(self.root / "removed" / f"{session_id}.json", json.dumps({"revision": revision, "at": at_wall}), durable=True)
         self.removed()[session_id] = (revision, at_wall)
 
     def forget_removed(self, session_id: str) -> None:
@@ -182,7 +182,7 @@ class StateDir:
 
     def spool(self, evidence: LaneEvidence, ident: str | None = None) -> str:
         ident = ident or self.evidence_ident(evidence)
-        _write(self.root / "evidence" / f"{ident}.json", evidence.model_dump_json(indent=1), durable=True)
+        write_atomic(self.root / "evidence" / f"{ident}.json", evidence.model_dump_json(indent=1), durable=True)
         return ident
 
     def has_evidence(self, ident: str) -> bool:
@@ -234,7 +234,7 @@ class ReportSpool:
         while (self.path / f"{ident}.json").exists():
             n += 1
             ident = f"{base}-{n}"
-        _write(self.path / f"{ident}.json", report.model_dump_json(), durable=True)
+        write_atomic(self.path / f"{ident}.json", report.model_dump_json(), durable=True)
         self._cap()
         return ident
 
@@ -288,7 +288,7 @@ def _report_order(ident: str) -> tuple[str, int]:
     return (base, int(n) if n.isdigit() else 1)
 
 
-def _write(path: Path, text: str, durable: bool = False) -> None:
+def write_atomic(path: Path, text: str, durable: bool = False) -> None:
     """Atomic replace. A rename survives the process being killed; `durable` also survives power loss
     (evidence and ended sessions need that; lane records and the desired state are rebuilt after a boot)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")

@@ -28,6 +28,8 @@ from pydantic import (
     model_validator,
 )
 
+from nodeagent.wire import Fqdn  # one FQDN rule: what the policy accepts is what the agent accepts
+
 from .durations import format_duration, parse_duration
 
 FORMAT = 1
@@ -42,14 +44,6 @@ Duration = Annotated[timedelta, BeforeValidator(parse_duration), PlainSerializer
 Port = Annotated[int, Field(ge=1, le=65535, strict=True)]
 Role = Literal["engineer", "contractor", "approver", "site_admin", "soc", "admin", "break_glass"]
 Day = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
-
-
-def _fqdn(value: str) -> str:
-    v = value.rstrip(".").lower()
-    labels = v.split(".")
-    if len(v) > 253 or len(labels) < 2 or not all(re.fullmatch(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?", x) for x in labels):
-        raise ValueError(f"{value!r} is not a fully qualified domain name")
-    return v
 
 
 def _timezone(value: str) -> str:
@@ -82,7 +76,6 @@ def _address(value: object) -> str:
         raise ValueError(f"{value!r} is not an IP address") from None
 
 
-Fqdn = Annotated[str, AfterValidator(_fqdn)]
 TimeZone = Annotated[str, AfterValidator(_timezone)]
 Clock = Annotated[str, BeforeValidator(_clock)]
 Network = Annotated[str, BeforeValidator(_network)]

@@ -120,28 +120,13 @@ def _push(conn: socket.socket) -> None:
 
 
 def listen(args) -> int:
-    result = {"connected": None, "last_rx": None, "broken": None, "error": None}
-    try:
-        s = socket.create_connection((args.host, args.port), timeout=2)
-    except OSError as exc:
-        result["error"] = f"connect: {exc}"
-        print(json.dumps(result), flush=True)
-        return 0
-    result["connected"] = time.time()
-    s.settimeout(0.5)
-    end = time.time() + args.seconds
-    try:
-        while time.time() < end:
-            if not s.recv(4096):
-                raise ConnectionResetError("closed by peer")
-            result["last_rx"] = time.time()
-    except OSError as exc:
-        result["broken"] = time.time()
-        result["error"] = f"{type(exc).__name__}: {exc}"
-    finally:
-        s.close()
-    print(json.dumps(result), flush=True)
-    return 0
+    """The peer talks; we only read. `last_rx` is when the last bytes arrived."""
+    def exchange(s: socket.socket, result: dict) -> None:
+        if not s.recv(4096):
+            raise ConnectionResetError("closed by peer")
+        result["last_rx"] = time.time()
+
+    return _one_connection(args, {"last_rx": None}, exchange)
 
 
 def _udp_echo(port: int) -> None:
@@ -192,7 +177,30 @@ def _classify(exc: OSError) -> str:
 
 
 def hold(args) -> int:
-    result = {"connected": None, "last_ok": None, "broken": None, "error": None}
+    """We send a line every 50 ms and wait for its echo. `last_ok` is when the last echo came back."""
+    n = 0
+
+    def exchange(s: socket.socket, result: dict) -> None:
+        nonlocal n
+        line = f"ping {n}\n".encode()
+        s.sendall(line)
+        got = b""
+        while len(got) < len(line):
+            chunk = s.recv(len(line) - len(got))
+            if not chunk:
+                raise ConnectionResetError("closed by peer")
+            got += chunk
+        result["last_ok"] = time.time()
+        n += 1
+        time.sleep(0.05)
+
+    return _one_connection(args, {"last_ok": None}, exchange)
+
+
+def _one_connection(args, fields: dict, exchange) -> int:
+    """One TCP connection to args.host:args.port for args.seconds, `exchange` called until it fails; prints
+    JSON {"connected", "broken" (wall time or null), "error", **fields}."""
+    result = {"connected": None, **fields, "broken": None, "error": None}
     try:
         s = socket.create_connection((args.host, args.port), timeout=2)
     except OSError as exc:
@@ -202,20 +210,9 @@ def hold(args) -> int:
     result["connected"] = time.time()
     s.settimeout(0.5)
     end = time.time() + args.seconds
-    n = 0
     try:
         while time.time() < end:
-            line = f"ping {n}\n".encode()
-            s.sendall(line)
-            got = b""
-            while len(got) < len(line):
-                chunk = s.recv(len(line) - len(got))
-                if not chunk:
-                    raise ConnectionResetError("closed by peer")
-                got += chunk
-            result["last_ok"] = time.time()
-            n += 1
-            time.sleep(0.05)
+            exchange(s, result)
     except OSError as exc:
         result["broken"] = time.time()
         result["error"] = f"{type(exc).__name__}: {exc}"
