@@ -439,8 +439,10 @@ class Sessions:
             row = self._lock(s, caller, sid)
             self._own(caller, row, "extend")
             _lane_only(row, "extended: when more time is needed, open a new grant")
-            if row.state != S.active.value or row.end_at <= now:
+            if row.state != S.active.value:
                 raise Conflict(f"session {sid} is {row.state}: only an active session can be extended")
+            if row.end_at <= now:
+                raise Conflict(f"session {sid} ended at {_iso(row.end_at)}: only an active session can be extended")
             if row.break_glass:
                 raise Conflict("a break-glass session cannot be extended: open a new one if the emergency goes on")
             if row.extension_request:
