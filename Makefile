@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 # The controller's tests run on SQLite and on this local PostgreSQL (loopback only).
 PG_TEST_URL := postgresql+psycopg://wicket_test:wicket_test@127.0.0.1:5432/postgres
 
-.PHONY: setup system venv pg demo test test-fast lint bench bench-lanes bench-policy bench-sessions bench-link bench-audit bench-baselines sweep clean
+.PHONY: setup system venv pg demo test test-fast lint bench bench-lanes bench-policy bench-sessions bench-link bench-audit bench-baselines soak sweep clean
 
 setup: system venv
 
@@ -86,6 +86,12 @@ bench-audit: setup pg
 # passported devices, and the start-up apply; a little over a minute.
 bench-baselines: setup
 	$(PY) -m bench.baselines $(BENCH_BASELINES_ARGS)
+
+# Hours of lanes opened and closed every few seconds with traffic (not in CI): docs/soak.md, docs/soak.png and
+# docs/bench/soak.csv; exits 1 when something grew without bound. HOURS may be a fraction (0.1 for a quick look).
+HOURS ?= 1
+soak: setup
+	$(PY) -m bench.soak --hours $(HOURS) $(SOAK_ARGS)
 
 sweep: venv
 	$(PY) -m tests.lab sweep
