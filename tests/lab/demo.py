@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import base64
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -24,13 +23,11 @@ from datetime import UTC, datetime
 
 from . import Lab, unavailable_reason
 from .controller import DEVICE, SITE, TASK, LabController, conf_value, ts
-from .nsutil import in_netns
+from .otpeers import IEC104_POINTS, Master, iec104_gi, start_server
 from .site import NODE_ID, AgentProcess, Engineer, py, router_leftovers, serve, wait_for
 
 BOLD, DIM, CYAN, GREEN, RED, RESET = "\033[1m", "\033[2m", "\033[36m", "\033[32m", "\033[31m", "\033[0m"
 GRACE_S = 2.0  # the product's promise: a lane is gone at most this long after its end time
-# An IEC 60870-5-104 U-frame, TESTFR act: what a SCADA tester sends to see if an RTU answers.
-TESTFR_ACT = bytes.fromhex("680443000000")
 WHY = "WO-4711 counters stuck on feeder 3"
 
 
@@ -113,14 +110,15 @@ def _run(lab: Lab, n: Narrator, seconds: int) -> None:
     eng = Engineer(lab, "eng1")
     servers = []
     try:
-        servers = [serve(lab, "rtu1", tcp=(2404, 502)), serve(lab, "rtu2", tcp=(2404,)), serve(lab, "scada", tcp=(2404,))]
+        servers = [start_server(lab, "rtu1", "iec104"), serve(lab, "rtu1", tcp=(502,)), serve(lab, "rtu2", tcp=(2404,)),
+                   serve(lab, "scada", tcp=(2404,))]
         _site(lab, n)
         _controller(lab, n, ctl, seconds)
         _agent(lab, n, ctl, agent)
         sid = _request_and_approve(n, ctl)
         conf, end = _activate_and_import(lab, n, ctl, eng, sid)
         _traffic(lab, n, ctl, eng, sid, conf)
-        _expiry(lab, n, ctl, agent, eng, sid, end)
+        _expiry(lab, n, ctl, agent, sid, end)
         _evidence(lab, n, ctl, sid)
         _audit(n, ctl, sid)
         _proof(n, ctl, sid, workdir)
@@ -150,7 +148,8 @@ def _site(lab: Lab, n: Narrator) -> None:
     n.say(f"SCADA master      scada  {lab.addr('scada')}")
     n.say(f"controller host   ctl    {lab.addr('ctl')}")
     n.say(f"engineer laptop   eng1   {lab.addr('eng1')}   on the internet side: it reaches only the router's public address")
-    n.say("echo servers stand in for the devices' protocol servers on those ports")
+    n.say(f"{DEVICE} runs a real IEC-104 outstation (the c104 library), common address 1, {len(IEC104_POINTS)} points;")
+    n.say("echo servers stand in for the other protocol servers")
 
 
 def _controller(lab: Lab, n: Narrator, ctl: LabController, seconds: int) -> None:
@@ -286,9 +285,18 @@ def _activate_and_import(lab: Lab, n: Narrator, ctl: LabController, eng: Enginee
 
 def _traffic(lab: Lab, n: Narrator, ctl: LabController, eng: Engineer, sid: str, conf: str) -> None:
     n.step("What passes, and what does not")
-    sent, echoed = in_netns(lab.ns("eng1"), _exchange, lab.addr("rtu1"), 2404, 20)
-    n.check(sent > 0 and echoed == sent,
-            f"the lane reached {DEVICE} tcp/2404: 20 IEC-104 test frames, {sent} B sent, {echoed} B answered")
+    rtu1 = lab.addr("rtu1")
+    n.say("erin's IEC-104 client (c104) connects, starts data transfer and asks for a general interrogation:")
+    n.cmd(f"python -m tests.lab.otpeers iec104-gi --host {rtu1} --port 2404")
+    got = iec104_gi(lab, "eng1", rtu1, timeout=3)
+    points = got.get("points") or {}
+    n.show("\n".join(f"IOA {ioa}  {IEC104_POINTS[int(ioa)][0] if int(ioa) in IEC104_POINTS else '?':<10} {value}"
+                     for ioa, value in sorted(points.items())) or f"(no points: {got.get('error')})")
+    wanted = {str(ioa): value for ioa, (_, value) in IEC104_POINTS.items()}
+    n.check(got.get("exit") == 0 and points == wanted,
+            f"the lane reached {DEVICE} tcp/2404: the general interrogation returned its {len(points)} points "
+            f"in {got.get('seconds', 0):.2f} s" if points == wanted else
+            f"the general interrogation of {DEVICE} through the lane did not return its points: {got}")
     result = eng.probe(lab.addr("rtu1"), 502)
     n.check(result == "refused", f"{DEVICE} tcp/502 (Modbus, not granted): {result}")
     n.say("a curious engineer routes more into the tunnel (AllowedIPs 0.0.0.0/0 on their side):")
@@ -303,12 +311,13 @@ def _traffic(lab: Lab, n: Narrator, ctl: LabController, eng: Engineer, sid: str,
     n.check(again.status_code == 410, f"a second download of the config: refused ({again.status_code} {_detail(again)})")
 
 
-def _expiry(lab: Lab, n: Narrator, ctl: LabController, agent: AgentProcess, eng: Engineer, sid: str, end: float) -> None:
+def _expiry(lab: Lab, n: Narrator, ctl: LabController, agent: AgentProcess, sid: str, end: float) -> None:
     n.step("The end time: the agent closes the lane on its own clock")
     lane = agent.lane(sid)
     n.check(lane is not None, f"lane {lane and lane['lane']} is open on the router")
-    holder = eng.start("hold", lab.addr("rtu1"), "2404", "--seconds", f"{end - time.time() + 10:.0f}")
-    n.say(f"erin keeps an IEC-104 connection open through the end ({_hms(end)} UTC)")
+    master = Master(lab, "eng1", lab.addr("rtu1"), interval=0.2, timeout=0.5, seconds=end - time.time() + 10,
+                    stop_on_failure=True).start()
+    n.say(f"erin's IEC-104 client keeps one connection and interrogates {DEVICE} every 0.2 s through the end ({_hms(end)} UTC)")
     last_said = None
     while (left := end - time.time()) > 0.5:
         if n.color:
@@ -323,13 +332,12 @@ def _expiry(lab: Lab, n: Narrator, ctl: LabController, agent: AgentProcess, eng:
     late = gone_at - end if gone_at else None
     n.check(late is not None and late <= GRACE_S, f"the lane was gone {late:.2f} s after the end time (at most {GRACE_S:.0f} s)"
             if late is not None else "the lane was still there 10 s after the end time")
-    out = holder.communicate(timeout=30)[0]
-    held = _last_json(out)
+    held = master.wait(30)
     broke, last = held.get("broken"), held.get("last_ok")
     n.check(broke is not None and last is not None and broke - end <= GRACE_S,
-            f"erin's open connection: last answer {last - end:+.2f} s from the end time, dead {broke - end:.2f} s after it "
-            f"({held.get('error')}; her client waits 0.5 s for each answer)" if broke and last
-            else f"erin's open connection did not die as it should: {held}")
+            f"erin's open connection: {held.get('ok')} interrogations answered, the last {last - end:+.2f} s from the end "
+            f"time; dead {broke - end:.2f} s after it ({held.get('error')}; her client waits 0.5 s for each answer)"
+            if broke and last else f"erin's open connection did not die as it should: {held}")
     leftovers = router_leftovers(lab)
     n.check(not any(leftovers.values()), "nothing of the lane is left on the router: no interface, no rule, no connection"
             if not any(leftovers.values()) else f"left on the router: {leftovers}")
@@ -463,23 +471,6 @@ def _evidence_record(state, sid: str):
 # ---- helpers ----
 
 
-def _exchange(host: str, port: int, frames: int) -> tuple[int, int]:
-    """IEC-104 test frames over one TCP connection; bytes sent and answered. Runs in the engineer's namespace."""
-    sent = got = 0
-    with socket.create_connection((host, port), timeout=3) as s:
-        for _ in range(frames):
-            s.sendall(TESTFR_ACT)
-            sent += len(TESTFR_ACT)
-            answer = b""
-            while len(answer) < len(TESTFR_ACT):
-                chunk = s.recv(len(TESTFR_ACT) - len(answer))
-                if not chunk:
-                    raise ConnectionError("closed by the device")
-                answer += chunk
-            got += len(answer)
-    return sent, got
-
-
 def _redact_token(token: str) -> str:
     prefix, ident, secret, pin = token.split(".", 3)
     return f"{prefix}.{ident}.{'•' * 8}.{pin[:12]}…   (wkj1.<id>.<secret>.<controller CA pin>)"
@@ -513,15 +504,6 @@ def _err(out) -> str:
 def _last_line(text: str) -> str:
     lines = [line for line in (text or "").strip().splitlines() if line.strip()]
     return lines[-1] if lines else ""
-
-
-def _last_json(text: str) -> dict:
-    import json
-
-    try:
-        return json.loads(_last_line(text))
-    except ValueError:
-        return {"output": text}
 
 
 def _tail(what: str, text: str, lines: int = 25) -> None:
