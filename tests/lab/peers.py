@@ -77,6 +77,32 @@ def mosquitto(lab: Lab, role: str, port: int = 1883) -> subprocess.Popen:
     raise RuntimeError("mosquitto did not listen")
 
 
+def answering_ports(lab: Lab, role: str, targets: list[str], *, udp: bool = False, ports: str = "1-65535",
+                    retries: int | None = None, rate: int = 40000, timeout: float = 240) -> dict[tuple[str, int], str]:
+    """A full nmap scan from `role`: every (address, port) that answered, with nmap's state. TCP (connect scan):
+    the open ports — a reset ("closed") is how the router refuses. UDP: "open" (a reply came back) and also
+    "closed" (an ICMP port-unreachable came back), since either means a packet reached a host; silence
+    ("open|filtered") is the only answer a refused port may give. IPv6 targets are scanned with -6.
+
+    At this rate a probe is lost now and then (wireguard-go's queues): TCP probes that got no answer are
+    sent twice more (cheap: refused ports answer with a reset); UDP ones once more, as each retry there
+    costs a full pass."""
+    retries = (1 if udp else 2) if retries is None else retries
+    six = ["-6"] if any(":" in t for t in targets) else []
+    kind = ["-sU", "--max-rtt-timeout", "300ms"] if udp else ["-sS"]
+    argv = ["nmap", "-n", "-Pn", *six, *kind, "-T5", "--max-retries", str(retries), "--min-rate", str(rate), "-p", ports,
+            "-oX", "-", *targets]
+    out = lab.exec(role, argv, timeout=timeout).stdout
+    found = {}
+    for host in ET.fromstring(out).iter("host"):
+        addr = host.find("address").get("addr")
+        for p in host.iter("port"):
+            state = p.find("state").get("state")
+            if state == "open" or (udp and state == "closed"):
+                found[(addr, int(p.get("portid")))] = state
+    return found
+
+
 def open_tcp_ports(lab: Lab, role: str, targets: list[str], ports: str = "1-65535", timeout: float = 240) -> set[tuple[str, int]]:
     """A TCP connect scan (nmap) from `role` of every target: the (address, port) pairs that answered open."""
     argv = ["nmap", "-n", "-Pn", "-sT", "-T5", "--max-retries", "1", "--min-rate", "20000", "-p", ports, "-oX", "-", *targets]

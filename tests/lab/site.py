@@ -196,8 +196,9 @@ class Engineer:
         for dst in destinations:
             self.lab.exec(self.role, ["ip", "route", "replace", f"{dst}/32", "dev", self.ifname])
 
-    def probe(self, host: str, port: int, udp: bool = False, timeout: float = 1.0) -> str:
+    def probe(self, host: str, port: int, udp: bool = False, timeout: float = 1.0, source: str | None = None) -> str:
         argv = py("tests.lab.traffic", "probe", host, str(port), "--timeout", str(timeout)) + (["--udp"] if udp else [])
+        argv += ["--source", source] if source else []
         return self.lab.exec(self.role, argv, timeout=timeout + 10).stdout.strip()
 
     def run(self, *args: str, timeout: float = 60) -> dict:
@@ -208,11 +209,11 @@ class Engineer:
         return self.lab.spawn(self.role, py("tests.lab.traffic", *args), stdout=subprocess.PIPE, text=True)
 
 
-def serve(lab: Lab, role: str, tcp=(2404,), udp=(), sink=(), push=()) -> subprocess.Popen:
+def serve(lab: Lab, role: str, tcp=(2404,), udp=(), sink=(), push=(), v6: bool = False) -> subprocess.Popen:
     proc = lab.spawn(
         role,
         py("tests.lab.traffic", "serve", "--tcp", ",".join(map(str, tcp)), "--udp", ",".join(map(str, udp)), "--sink", ",".join(map(str, sink)),
-           "--push", ",".join(map(str, push))),
+           "--push", ",".join(map(str, push)), *(["--v6"] if v6 else [])),
         stdout=subprocess.PIPE,
         text=True,
     )

@@ -32,11 +32,13 @@ def main(argv=None) -> int:
     s.add_argument("--udp", default="")
     s.add_argument("--sink", default="")
     s.add_argument("--push", default="")
+    s.add_argument("--v6", action="store_true", help="listen on IPv6 too (dual-stack sockets)")
     pr = sub.add_parser("probe")
     pr.add_argument("host")
     pr.add_argument("port", type=int)
     pr.add_argument("--udp", action="store_true")
     pr.add_argument("--timeout", type=float, default=1.0)
+    pr.add_argument("--source", default=None, help="send from this local address (a forged one, if it is not ours)")
     h = sub.add_parser("hold")
     h.add_argument("host")
     h.add_argument("port", type=int)
@@ -64,11 +66,11 @@ def _ports(text: str) -> list[int]:
 
 def serve(args) -> int:
     for port in _ports(args.tcp):
-        threading.Thread(target=_tcp_server, args=(port, True), daemon=True).start()
+        threading.Thread(target=_tcp_server, args=(port, True, args.v6), daemon=True).start()
     for port in _ports(args.sink):
-        threading.Thread(target=_tcp_server, args=(port, False), daemon=True).start()
+        threading.Thread(target=_tcp_server, args=(port, False, args.v6), daemon=True).start()
     for port in _ports(args.udp):
-        threading.Thread(target=_udp_echo, args=(port,), daemon=True).start()
+        threading.Thread(target=_udp_echo, args=(port, args.v6), daemon=True).start()
     for port in _ports(args.push):
         threading.Thread(target=_tcp_push_server, args=(port,), daemon=True).start()
     time.sleep(0.1)
@@ -77,10 +79,18 @@ def serve(args) -> int:
     return 0
 
 
-def _tcp_server(port: int, echo: bool) -> None:
-    srv = socket.socket()
-    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.bind(("0.0.0.0", port))
+def _bound(kind: int, port: int, v6: bool) -> socket.socket:
+    """A socket on every address of the namespace: IPv4 only, or dual-stack with `v6`."""
+    s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, kind)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if v6:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    s.bind(("::" if v6 else "0.0.0.0", port))
+    return s
+
+
+def _tcp_server(port: int, echo: bool, v6: bool = False) -> None:
+    srv = _bound(socket.SOCK_STREAM, port, v6)
     srv.listen(64)
     while True:
         conn, _ = srv.accept()
@@ -129,24 +139,26 @@ def listen(args) -> int:
     return _one_connection(args, {"last_rx": None}, exchange)
 
 
-def _udp_echo(port: int) -> None:
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind(("0.0.0.0", port))
+def _udp_echo(port: int, v6: bool = False) -> None:
+    s = _bound(socket.SOCK_DGRAM, port, v6)
     while True:
         data, peer = s.recvfrom(65536)
         s.sendto(data, peer)
 
 
 def probe(args) -> int:
-    print(probe_once(args.host, args.port, args.udp, args.timeout))
+    print(probe_once(args.host, args.port, args.udp, args.timeout, source=args.source))
     return 0
 
 
-def probe_once(host: str, port: int, udp: bool, timeout: float) -> str:
+def probe_once(host: str, port: int, udp: bool, timeout: float, source: str | None = None) -> str:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     if udp:
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s = socket.socket(family, socket.SOCK_DGRAM)
         s.settimeout(timeout)
         try:
+            if source:
+                s.bind((source, 0))
             s.connect((host, port))
             s.send(b"probe")
             s.recv(100)
@@ -158,7 +170,7 @@ def probe_once(host: str, port: int, udp: bool, timeout: float) -> str:
         finally:
             s.close()
     try:
-        socket.create_connection((host, port), timeout=timeout).close()
+        socket.create_connection((host, port), timeout=timeout, source_address=(source, 0) if source else None).close()
         return "open"
     except TimeoutError:
         return "timeout"
