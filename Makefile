@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 SYSPY := /usr/bin/python3
 APT_PACKAGES := wireguard-tools wireguard-go nftables python3-nftables conntrack iproute2 util-linux \
 	python3-venv python3-pip iperf3 tcpdump nmap procps kmod postgresql zbar-tools rsyslog rsyslog-gnutls \
-	mosquitto dnsmasq-base
+	mosquitto dnsmasq-base ruby shellcheck
 PYTEST_ARGS ?=
 
 # The controller's tests run on SQLite and on this local PostgreSQL (loopback only).
@@ -55,7 +55,7 @@ test-fast: venv
 
 lint: venv
 	$(VENV)/bin/lint-imports
-	$(VENV)/bin/ruff check nodeagent controller tests bench
+	$(VENV)/bin/ruff check nodeagent controller tests bench vagrant
 
 # Each benchmark writes its own section of docs/benchmarks.md (and its raw numbers to docs/bench/).
 bench: bench-lanes bench-policy bench-sessions bench-link bench-audit bench-baselines
