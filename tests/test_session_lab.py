@@ -194,7 +194,7 @@ def test_requested_approved_extended_session_reaches_the_device_until_its_end(si
 def test_revoked_session_is_cut_at_once(site):
     lab, agent, engineer, ctl = site
     rtu1 = lab.addr("rtu1")
-    active, _conf = ctl.open_session(engineer)
+    active, conf = ctl.open_session(engineer)
     sid = active["id"]
     holder = engineer.start("hold", rtu1, "2404", "--seconds", "20")
     assert wait_for(lambda: _established_to(lab, rtu1), timeout=3), "the held connection never came up"
@@ -209,6 +209,19 @@ def test_revoked_session_is_cut_at_once(site):
     evidence = agent.evidence_for(sid)
     assert evidence["end_reason"] == "removed", evidence
     assert ts(evidence["closed_at"]) - revoked_at < GRACE_S
+
+    # the config was captured (the engineer's laptop, or someone who copied it): brought up again after the
+    # revocation, on the engineer's machine and on another, it reaches nothing
+    engineer.up(conf)
+    assert engineer.probe(rtu1, 2404, timeout=2) == "timeout"
+    thief = Engineer(lab, "eng2")
+    try:
+        thief.up(conf)
+        assert thief.probe(rtu1, 2404, timeout=2) == "timeout"
+        handshakes = lab.exec("eng2", ["wg", "show", thief.ifname, "latest-handshakes"]).stdout.split()
+        assert handshakes[-1] == "0", f"the router answered a handshake for a revoked lane: {handshakes}"
+    finally:
+        thief.forget()
 
 
 def _established_to(lab, host: str) -> bool:
