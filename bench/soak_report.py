@@ -179,7 +179,8 @@ def _num(x: float | None) -> str:
 
 
 def _errors(totals: dict) -> str:
-    return f" (last: {'; '.join(totals['last_errors'])})" if totals["last_errors"] else ""
+    last = list(dict.fromkeys(e[:160] for e in totals["last_errors"]))  # distinct, in order
+    return f" (the last: {'; '.join(last[-2:])})" if last else ""
 
 
 def _leftovers(totals: dict) -> str:

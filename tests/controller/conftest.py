@@ -18,13 +18,13 @@ from pathlib import Path
 
 import pyotp
 import pytest
-from fastapi.testclient import TestClient
 
 from controller.app import create_app
 from controller.bootstrap import init
 from controller.settings import load
 
 from ..pgscratch import scratch_database
+from . import portal
 from .fakenode import FakeNodes
 
 PASSWORD = "correct horse battery staple"
@@ -72,7 +72,7 @@ class Harness:
         self.admin = Person("root", PASSWORD, _secret(result.enrolment.otpauth_uri), user_id=1, roles=[("admin", None)])
         self.nodes = FakeNodes()  # in-process stand-in for agents; the lab tests use the real one
         self.app = create_app(self.settings, clock=lambda: self.t, link=self.nodes)
-        self.client = TestClient(self.app)
+        self.client = portal.shared_client(self.app)
         self._admin_token: str | None = None
         self.default_addresses: dict[str, int] = {}  # site → passports given a default address there
 
@@ -177,6 +177,12 @@ class Harness:
 
 def _secret(uri: str) -> str:
     return re.search(r"secret=([A-Z2-7]+)", uri).group(1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_event_loop_for_api_calls():
+    yield
+    portal.close()
 
 
 @pytest.fixture

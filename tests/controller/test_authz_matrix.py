@@ -62,6 +62,7 @@ from controller.sessions import READERS
 from . import session_helpers
 from .conftest import Harness, Person, example_policy_files
 from .helpers import iccid_for
+from .portal import shared_client
 
 SQLITE = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # what it tests does not depend on the database
 
@@ -458,7 +459,7 @@ class World:
     def build(cls, ctl: Harness, roles=PEOPLE, victim_password: str | None = None) -> World:
         w = cls(ctl)
         # A client that turns a crash into a 500 (recorded as a mismatch) instead of raising.
-        w.client = TestClient(ctl.app, raise_server_exceptions=False)
+        w.client = shared_client(ctl.app, raise_server_exceptions=False)
         ctl.apply_policy()
         ctl.add_site(SITE, tunnel_pool="100.100.1.0/24")
         ctl.add_site(OTHER_SITE, tunnel_pool="100.100.2.0/24")

@@ -20,6 +20,7 @@ from nodeagent.wire import SignedPassport, key_id
 
 from .conftest import example_policy_files
 from .helpers import admin, eid_for, headers, iccid_for, iso
+from .portal import shared_client
 
 API = "/api/v1"
 NORTH_NET, SOUTH_NET = "10.20.0.0/16", "10.30.0.0/16"
@@ -687,7 +688,7 @@ def test_signature_is_stable_per_revision_and_policy_and_changes_with_either(ctl
 
 def _quiet_client(ctl) -> TestClient:
     """A client that returns a server error as a 500 instead of raising it into the test."""
-    return TestClient(ctl.app, raise_server_exceptions=False)
+    return shared_client(ctl.app, raise_server_exceptions=False)
 
 
 def test_site_patch_with_port_max_below_port_min_is_a_422(ctl):
