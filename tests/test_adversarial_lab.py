@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -99,10 +100,13 @@ def test_full_scans_through_lanes_find_exactly_the_granted_ports_and_nothing_aft
 
     # each engineer: the full range of its lane's protocol on every host, the likely ports of the other one;
     # nothing may answer but the granted port
-    assert set(answering_ports(lab, "eng1", targets)) <= {(rtu1, 2404)}
+    # (the two engineers scan at the same time: each scan is bound by its own wireguard-go, on its own core)
+    tcp_full, udp_full = _both(lambda: answering_ports(lab, "eng1", targets),
+                               lambda: answering_ports(lab, "eng2", targets, udp=True))
+    assert set(tcp_full) <= {(rtu1, 2404)}
+    assert set(udp_full) <= {(rtu2, 20000)}
     assert answering_ports(lab, "eng1", [*targets, lab.router_ops], udp=True, ports=FEW) == {}
     assert answering_ports(lab, "eng1", [lab.router_ops], ports=FEW) == {}, "the router's other address"
-    assert set(answering_ports(lab, "eng2", targets, udp=True)) <= {(rtu2, 20000)}
     assert answering_ports(lab, "eng2", [*targets, lab.router_ops], ports=FEW) == {}, "a UDP lane opens no TCP port"
     # a scan at speed loses a probe now and then: the granted ports, asked again, do answer (the scans can see)
     assert answering_ports(lab, "eng1", [rtu1], ports="2404", retries=4) == {(rtu1, 2404): "open"}
@@ -122,8 +126,17 @@ def test_full_scans_through_lanes_find_exactly_the_granted_ports_and_nothing_aft
     time.sleep(max(0.0, end.timestamp() + 2 - time.time()))
     assert wait_for(lambda: not any(router_leftovers(lab).values()), timeout=3), router_leftovers(lab)
     # nothing can answer now, so each probe goes once
-    assert answering_ports(lab, "eng1", targets, retries=0) == {}, "a port still open after the lane ended"
-    assert answering_ports(lab, "eng2", targets, udp=True, retries=0) == {}, "a UDP port still answers after the lane ended"
+    tcp_after, udp_after = _both(lambda: answering_ports(lab, "eng1", targets, retries=0),
+                                 lambda: answering_ports(lab, "eng2", targets, udp=True, retries=0))
+    assert tcp_after == {}, "a port still open after the lane ended"
+    assert udp_after == {}, "a UDP port still answers after the lane ended"
+
+
+def _both(first, second):
+    """Two scans side by side; both results (an exception in either is raised here)."""
+    with ThreadPoolExecutor(2) as pool:
+        a, b = pool.submit(first), pool.submit(second)
+        return a.result(), b.result()
 
 
 def test_forged_sources_inside_the_tunnel_never_reach_the_device(adversary_lab):
@@ -145,10 +158,11 @@ def test_forged_sources_inside_the_tunnel_never_reach_the_device(adversary_lab):
     for addr in forged:
         lab.exec("eng1", ["ip", "addr", "add", f"{addr}/32", "dev", e1.ifname])
 
-    def attempt() -> None:
-        for addr in forged:
-            assert e1.probe(rtu1, 2404, timeout=1.5, source=addr) == "timeout", addr
-            assert e1.probe(rtu1, 2404, udp=True, timeout=1, source=addr) == "timeout", addr
+    def attempt() -> None:  # every forged source, TCP and UDP, side by side (each waits for its timeout)
+        tries = [(addr, udp) for addr in forged for udp in (False, True)]
+        with ThreadPoolExecutor(len(tries)) as pool:
+            got = list(pool.map(lambda t: e1.probe(rtu1, 2404, udp=t[1], timeout=1.5, source=t[0]), tries))
+        assert got == ["timeout"] * len(tries), dict(zip(tries, got, strict=True))
 
     # 1. WireGuard's own check: the router's peer accepts only the engineer's tunnel address
     attempt()
