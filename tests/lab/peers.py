@@ -78,9 +78,10 @@ def mosquitto(lab: Lab, role: str, port: int = 1883) -> subprocess.Popen:
 
 
 def answering_ports(lab: Lab, role: str, targets: list[str], *, udp: bool = False, ports: str = "1-65535",
-                    retries: int | None = None, rate: int | None = None, timeout: float = 240) -> dict[tuple[str, int], str]:
-    """A full nmap scan from `role`: every (address, port) that answered, with nmap's state. TCP (connect scan):
-    the open ports — a reset ("closed") is how the router refuses. UDP: "open" (a reply came back) and also
+                    retries: int | None = None, rate: int | None = None, connect: bool = False,
+                    timeout: float = 240) -> dict[tuple[str, int], str]:
+    """A full nmap scan from `role`: every (address, port) that answered, with nmap's state. TCP (a SYN scan, or
+    with `connect` a full connect scan): the open ports — a reset ("closed") is how the router refuses. UDP: "open" (a reply came back) and also
     "closed" (an ICMP port-unreachable came back), since either means a packet reached a host; silence
     ("open|filtered") is the only answer a refused port may give. IPv6 targets are scanned with -6.
 
@@ -91,7 +92,7 @@ def answering_ports(lab: Lab, role: str, targets: list[str], *, udp: bool = Fals
     retries = 1 if retries is None else retries
     rate = (40000 if udp else 15000) if rate is None else rate
     six = ["-6"] if any(":" in t for t in targets) else []
-    kind = ["-sU", "--max-rtt-timeout", "300ms"] if udp else ["-sS"]
+    kind = ["-sU", "--max-rtt-timeout", "300ms"] if udp else ["-sT" if connect else "-sS"]
     argv = ["nmap", "-n", "-Pn", *six, *kind, "-T5", "--max-retries", str(retries), "--min-rate", str(rate), "-p", ports,
             "-oX", "-", *targets]
     out = lab.exec(role, argv, timeout=timeout).stdout
@@ -107,12 +108,4 @@ def answering_ports(lab: Lab, role: str, targets: list[str], *, udp: bool = Fals
 
 def open_tcp_ports(lab: Lab, role: str, targets: list[str], ports: str = "1-65535", timeout: float = 240) -> set[tuple[str, int]]:
     """A TCP connect scan (nmap) from `role` of every target: the (address, port) pairs that answered open."""
-    argv = ["nmap", "-n", "-Pn", "-sT", "-T5", "--max-retries", "1", "--min-rate", "20000", "-p", ports, "-oX", "-", *targets]
-    out = lab.exec(role, argv, timeout=timeout).stdout
-    found = set()
-    for host in ET.fromstring(out).iter("host"):
-        addr = host.find("address").get("addr")
-        for p in host.iter("port"):
-            if p.find("state").get("state") == "open":
-                found.add((addr, int(p.get("portid"))))
-    return found
+    return set(answering_ports(lab, role, targets, ports=ports, connect=True, rate=20000, timeout=timeout))
